@@ -1,0 +1,233 @@
+"""The HTTP shell: a quart-trio app wiring authentication, policy and the hub.
+
+Every decision is delegated to a pure core (signing, policy, eventid); this module
+only reads the request, maps errors to JSON answers, and writes the outbox to the
+socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+from urllib.parse import parse_qs
+
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from . import __version__, sse
+from .eventid import Cursor, InvalidEventId, parse_id
+from .hub import Hub, Subscription
+from .policy import Filters, PolicyError, Principal, resolve_filters
+from .signing import AuthError, Keypair, verify
+
+log = logging.getLogger(__name__)
+
+API_VERSION: Final = "v4.20190615"
+EVENTS_PATH: Final = "/stream/kernel/_/events"
+MAX_QUERY_FIELDS: Final = 16
+_PING: Final = sse.encode_comment("ping")
+# Headers that authenticate a request must appear once: with two, which one was signed?
+_SINGLE_HEADERS: Final = frozenset(
+    {"authorization", "date", "x-backendai-date", "host", "content-type", "x-backendai-version"}
+)
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.error, self.detail = status, error, detail
+
+
+def error_response(status: int, error: str, detail: str) -> Response:
+    titles = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found"}
+    body = {
+        "status": status,
+        "error": error,
+        "title": titles.get(status, "Error"),
+        "detail": detail,
+    }
+    headers = {"WWW-Authenticate": "BackendAI"} if status == 401 else {}
+    response = Response(_json(body), status=status, content_type="application/json")
+    response.headers.update(headers)
+    return response
+
+
+def _json(body: Mapping[str, Any]) -> str:
+    import json
+
+    return json.dumps(body, separators=(",", ":"))
+
+
+class Readiness:
+    """What /readyz reports; the upstream bridge fills it in."""
+
+    def __init__(self, is_live: Callable[[], bool]) -> None:
+        self.is_live = is_live
+
+
+def create_app(
+    *,
+    hub: Hub,
+    keypairs: Mapping[str, Keypair],
+    readiness: Readiness,
+    heartbeat_interval: float = 15.0,
+    max_clock_skew: float = 900.0,
+) -> QuartTrio:
+    app = QuartTrio(__name__)
+    # Streams are long-lived by design; Quart's default would cut them after 60 s.
+    app.config["RESPONSE_TIMEOUT"] = None
+    skew = timedelta(seconds=max_clock_skew)
+
+    def authenticate() -> Principal:
+        headers: dict[str, str] = {}
+        for raw_name, raw_value in request.scope["headers"]:
+            name = raw_name.decode("latin-1").lower()
+            if name in headers and name in _SINGLE_HEADERS:
+                raise RequestError(400, "duplicate-header", f"header {name!r} appears twice")
+            headers[name] = raw_value.decode("latin-1")
+        try:
+            return verify(
+                method=request.method,
+                raw_target=_raw_target(request.scope),
+                headers=headers,
+                lookup=keypairs.get,
+                now=datetime.now(UTC),
+                max_skew=skew,
+            )
+        except AuthError as exc:
+            log.info("auth failure (%s) from %s", exc.reason, request.remote_addr)
+            raise RequestError(401, exc.reason, exc.message) from None
+
+    def query_params() -> dict[str, list[str]]:
+        raw: bytes = request.scope["query_string"]
+        try:
+            return parse_qs(
+                raw.decode("utf-8"),
+                keep_blank_values=True,
+                strict_parsing=False,
+                max_num_fields=MAX_QUERY_FIELDS,
+                errors="strict",  # a percent-escape that is not UTF-8 is an error
+            )
+        except UnicodeDecodeError:
+            raise RequestError(400, "bad-query", "query string is not valid UTF-8") from None
+        except ValueError:
+            raise RequestError(
+                400, "bad-query", f"more than {MAX_QUERY_FIELDS} query parameters"
+            ) from None
+
+    def resume_cursor(params: Mapping[str, list[str]]) -> Cursor | None:
+        header = request.headers.getlist("Last-Event-ID")
+        raw = header or params.get("lastEventId", [])
+        if len(raw) > 1:
+            raise RequestError(400, "bad-last-event-id", "Last-Event-ID given more than once")
+        if not raw or raw[0] == "":
+            return None  # an empty Last-Event-ID means "no id yet" (WHATWG)
+        try:
+            return parse_id(raw[0])
+        except InvalidEventId as exc:
+            raise RequestError(400, "bad-last-event-id", str(exc)) from None
+
+    @app.errorhandler(RequestError)
+    async def _on_request_error(exc: RequestError) -> Response:
+        return error_response(exc.status, exc.error, exc.detail)
+
+    @app.errorhandler(HTTPException)
+    async def _on_http_error(exc: HTTPException) -> Response:
+        code = exc.code or 500
+        return error_response(
+            code, (exc.name or "error").lower().replace(" ", "-"), exc.description or ""
+        )
+
+    @app.get("/")
+    async def index() -> dict[str, Any]:
+        return {"version": API_VERSION, "manager": "kernel-events-proxy", "proxy": __version__}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        live = readiness.is_live()
+        body = {"status": "ready" if live else "upstream-unavailable", "upstream": live}
+        return Response(_json(body), status=200 if live else 503, content_type="application/json")
+
+    @app.get(EVENTS_PATH)
+    async def events() -> Response:
+        principal = authenticate()
+        params = query_params()
+        try:
+            filters = resolve_filters(principal, params, extra_allowed=frozenset({"lastEventId"}))
+        except PolicyError as exc:
+            raise RequestError(
+                exc.status, "forbidden" if exc.status == 403 else "bad-parameter", exc.message
+            ) from None
+        cursor = resume_cursor(params)
+        body = _stream(hub, principal, filters, cursor, heartbeat_interval)
+        response = Response(body, content_type="text/event-stream; charset=utf-8")
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["X-Accel-Buffering"] = "no"
+        response.timeout = None
+        return response
+
+    return app
+
+
+def _raw_target(scope: Mapping[str, Any]) -> str:
+    """The request target exactly as the client sent it (what it signed)."""
+    raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+    query: bytes = scope["query_string"]
+    target = raw_path + (b"?" + query if query else b"")
+    return target.decode("latin-1")
+
+
+async def _stream(
+    hub: Hub,
+    principal: Principal,
+    filters: Filters,
+    cursor: Cursor | None,
+    heartbeat_interval: float,
+) -> AsyncIterator[bytes]:
+    started = time.monotonic()
+    sent = 0
+    with hub.subscribe(principal, filters, cursor) as sub:
+        log.info(
+            "stream open: %s (%s) filters=%s resume=%s",
+            principal.access_key,
+            principal.role,
+            filters,
+            cursor,
+        )
+        try:
+            async for chunk in _frames(sub, heartbeat_interval):
+                sent += 1
+                yield chunk
+        finally:
+            log.info(
+                "stream closed: %s after %.1fs, %d writes, reason=%s",
+                principal.access_key,
+                time.monotonic() - started,
+                sent,
+                sub.outbox.reason or "client-gone",
+            )
+
+
+async def _frames(sub: Subscription, heartbeat_interval: float) -> AsyncIterator[bytes]:
+    outbox = sub.outbox
+    while True:
+        frames: list[bytes] | None = None
+        with trio.move_on_after(heartbeat_interval):
+            frames = await outbox.take()
+        if frames is None:
+            yield _PING
+            continue
+        if frames:
+            # Coalesce: everything queued goes out in one write.
+            yield frames[0] if len(frames) == 1 else b"".join(frames)
+        if outbox.closed and not len(outbox):
+            return

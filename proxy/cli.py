@@ -1,0 +1,258 @@
+"""The command line: ``serve``, ``upstream`` (and ``tail``)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import secrets
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import trio
+
+from . import __version__
+from .config import ConfigError, KeypairSettings, Settings, load_settings
+from .feeders import run_replay, run_simulator
+from .server import RunningProxy, run_proxy
+from .simulator import DEFAULT_TENANTS
+from .upstream_server import EventLog, UpstreamServer
+
+log = logging.getLogger("proxy")
+
+DEMO_ROLES = (("AKDEMOUSER1", "user"), ("AKDEMOADMIN1", "admin"), ("AKDEMOSUPER1", "superadmin"))
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kernel-events-proxy",
+        description="gRPC kernel lifecycle events re-emitted as filtered Server-Sent Events.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", type=Path, help="TOML settings file")
+    serve.add_argument("--bind", help="HOST:PORT to listen on (default 127.0.0.1:8080)")
+    serve.add_argument("--upstream", help="upstream gRPC target HOST:PORT")
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="start an embedded simulated upstream and demo keypairs (loopback only)",
+    )
+    serve.add_argument("--demo-rate", type=float, default=5.0, help="demo events per second")
+    serve.set_defaults(func=_cmd_serve)
+
+    upstream = sub.add_parser("upstream", help="run the shipped gRPC upstream")
+    upstream.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT")
+    upstream.add_argument("--replay", type=Path, help="JSON Lines file of events to stream")
+    upstream.add_argument("--follow", action="store_true", help="also stream appended lines")
+    upstream.add_argument(
+        "--rate", type=float, default=None, help="events per second (0: as fast as possible)"
+    )
+    upstream.add_argument("--seed", type=int, default=None, help="simulator seed")
+    upstream.add_argument("--history", type=int, default=100_000, help="events retained")
+    upstream.set_defaults(func=_cmd_upstream)
+
+    try:
+        from . import tail
+    except ImportError:  # pragma: no cover - tail is optional while it is being built
+        pass
+    else:
+        tail.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigError as exc:
+        print(f"kernel-events-proxy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _is_loopback(host_port: str) -> bool:
+    host = host_port.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config) if args.config else Settings()
+    overrides: dict[str, dict[str, str]] = {}
+    if args.bind:
+        overrides.setdefault("server", {})["bind"] = args.bind
+    if args.upstream:
+        overrides.setdefault("upstream", {})["target"] = args.upstream
+    settings = _override(settings, overrides)
+    if not args.demo:
+        if not settings.keypairs:
+            raise ConfigError("no [[keypairs]] configured: every request would be refused")
+        trio.run(_serve_until_signal, settings, None)
+        return 0
+    if not _is_loopback(settings.server.bind):
+        raise ConfigError(f"--demo binds to loopback only, not {settings.server.bind}")
+    event_log = EventLog()
+    upstream = UpstreamServer(event_log, "127.0.0.1:0")
+    stop = threading.Event()
+    feeder = threading.Thread(
+        target=run_simulator, args=(event_log, args.demo_rate, stop), name="demo-feeder"
+    )
+    demo_keys = _demo_keypairs()
+    settings = _override(settings, {"upstream": {"target": upstream.target}}, demo_keys)
+    upstream.start()
+    feeder.start()
+    try:
+        trio.run(_serve_until_signal, settings, _demo_banner(demo_keys))
+    finally:
+        stop.set()
+        feeder.join()
+        upstream.stop(0)
+    return 0
+
+
+def _override(
+    settings: Settings,
+    sections: dict[str, dict[str, str]],
+    keypairs: Sequence[KeypairSettings] | None = None,
+) -> Settings:
+    data = settings.model_dump()
+    for section, values in sections.items():
+        data[section].update(values)
+    if keypairs is not None:
+        data["keypairs"] = [
+            kp.model_dump() | {"secret_key": kp.secret_key.get_secret_value()} for kp in keypairs
+        ]
+    else:
+        data["keypairs"] = [
+            kp.model_dump() | {"secret_key": kp.secret_key.get_secret_value()}
+            for kp in settings.keypairs
+        ]
+    return Settings.model_validate(data)
+
+
+def _demo_keypairs() -> list[KeypairSettings]:
+    tenants = {t.access_key: t for t in DEFAULT_TENANTS}
+    out = []
+    for access_key, role in DEMO_ROLES:
+        tenant = tenants[access_key]
+        out.append(
+            KeypairSettings(
+                access_key=access_key,
+                secret_key=secrets.token_urlsafe(24),  # type: ignore[arg-type]
+                role=role,  # type: ignore[arg-type]
+                user_id=tenant.user_id,
+                domain=tenant.domain,
+            )
+        )
+    return out
+
+
+def _demo_banner(keys: Sequence[KeypairSettings]) -> Callable[[RunningProxy], str]:
+    def banner(proxy: RunningProxy) -> str:
+        lines = [
+            "",
+            f"kernel-events-proxy demo: {proxy.url}  (simulated upstream, loopback only)",
+            "",
+            "Demo keypairs (one per role; new secrets every run):",
+        ]
+        for kp in keys:
+            lines.append(
+                f"  {kp.role:<10}  access key {kp.access_key:<13}  secret key "
+                f"{kp.secret_key.get_secret_value()}"
+            )
+        su = keys[-1]
+        user = keys[0]
+        lines += [
+            "",
+            "Live events, as the superadmin (paste into another terminal):",
+            f"  .venv/bin/kernel-events-proxy tail --url {proxy.url} "
+            f"--access-key {su.access_key} --secret-key {su.secret_key.get_secret_value()}",
+            "",
+            "Only one user's sessions:",
+            f"  .venv/bin/kernel-events-proxy tail --url {proxy.url} "
+            f"--access-key {user.access_key} --secret-key {user.secret_key.get_secret_value()}",
+            "",
+            f"Version document: curl {proxy.url}/   Readiness: curl {proxy.url}/readyz",
+            "Stop with Ctrl-C.",
+            "",
+        ]
+        return "\n".join(lines)
+
+    return banner
+
+
+async def _serve_until_signal(
+    settings: Settings, banner: Callable[[RunningProxy], str] | None
+) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            proxy: RunningProxy = await nursery.start(run_proxy, settings)
+            if banner is not None:
+                print(banner(proxy), flush=True)
+            else:
+                log.info("serving on %s (upstream %s)", proxy.url, settings.upstream.target)
+            async for signum in signals:
+                log.info("received %s: shutting down", signal.Signals(signum).name)
+                proxy.shutdown()
+                break
+
+
+def _cmd_upstream(args: argparse.Namespace) -> int:
+    if args.follow and not args.replay:
+        raise ConfigError("--follow needs --replay FILE")
+    if args.replay and not args.replay.is_file():
+        raise ConfigError(f"--replay: no such file: {args.replay}")
+    event_log = EventLog(capacity=args.history)
+    server = UpstreamServer(event_log, args.listen)
+    stop = threading.Event()
+    if args.replay:
+        rate = 0.0 if args.rate is None else args.rate
+        target: Callable[[], None] = lambda: run_replay(  # noqa: E731
+            event_log, args.replay, stop, follow=args.follow, rate=rate
+        )
+    else:
+        rate = 5.0 if args.rate is None else args.rate
+        target = lambda: run_simulator(event_log, rate, stop, args.seed)  # noqa: E731
+    feeder = threading.Thread(target=target, name="upstream-feeder")
+    server.start()
+    print(f"upstream serving on {server.target} (log {event_log.log_id})", flush=True)
+    feeder.start()
+    stopped = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopped.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        while not stopped.wait(0.5):
+            pass
+    finally:
+        stop.set()
+        feeder.join()
+        server.stop(1.0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""The hub: decode once, encode once, index recipients, fill bounded outboxes.
+
+Everything here is synchronous and runs in the Trio thread, so subscribing (replaying
+history into a new outbox, then registering it) is atomic with respect to publishing:
+replayed and live events can never interleave out of order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+
+from . import sse
+from .eventid import Cursor, format_id
+from .events import Event
+from .policy import Filters, IndexKey, Principal, event_keys, index_key, visible
+
+log = logging.getLogger(__name__)
+
+GAP_EVENT: Final = "stream_gap"
+OVERFLOW_EVENT: Final = "stream_overflow"
+SERVER_CLOSE_EVENT: Final = "server_close"
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One retained frame. ``event`` is None for stream-level notices (gaps)."""
+
+    log_id: str
+    sequence: int
+    event: Event | None
+    frame: bytes
+
+
+class Outbox:
+    """A client's bounded queue of encoded frames; the writer takes all at once."""
+
+    __slots__ = ("_frames", "_limit", "_lot", "closed", "reason")
+
+    def __init__(self, limit: int) -> None:
+        self._frames: list[bytes] = []
+        self._limit = limit
+        self._lot = trio.lowlevel.ParkingLot()
+        self.closed = False
+        self.reason = ""
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def put(self, frame: bytes) -> bool:
+        """Queue a frame; False if the outbox is full (the client is too slow)."""
+        if self.closed:
+            return True
+        if len(self._frames) >= self._limit:
+            return False
+        self._frames.append(frame)
+        if self._lot:
+            self._lot.unpark_all()
+        return True
+
+    def preload(self, frames: Sequence[bytes]) -> None:
+        """Queue a replay backlog; bounded by the hub's history, not by the limit."""
+        self._frames.extend(frames)
+
+    def close(self, reason: str, final: bytes | None = None) -> None:
+        """Stop accepting frames; the writer sends what is queued (plus ``final``)."""
+        if self.closed:
+            return
+        if final is not None:
+            self._frames.append(final)
+        self.closed = True
+        self.reason = reason
+        self._lot.unpark_all()
+
+    def discard(self) -> None:
+        self._frames.clear()
+
+    async def take(self) -> list[bytes]:
+        """Wait until there is something to write (or the outbox closed); take it all."""
+        while not self._frames and not self.closed:
+            await self._lot.park()
+        frames, self._frames = self._frames, []
+        return frames
+
+
+class Subscription:
+    __slots__ = ("filters", "key", "outbox", "principal", "resume", "skip_log", "skip_until")
+
+    def __init__(self, principal: Principal, filters: Filters, outbox: Outbox) -> None:
+        self.principal = principal
+        self.filters = filters
+        self.outbox = outbox
+        self.key: IndexKey = index_key(principal, filters)
+        self.resume: Cursor | None = None
+        # Set when a client resumed from a position this proxy had not published yet:
+        # events up to it are ones the client already has.
+        self.skip_log: str | None = None
+        self.skip_until = 0
+
+
+def gap_frame(reason: str, after: str | None, before: str | None) -> bytes:
+    """The explicit notice that events between two positions may be missing."""
+    data = json.dumps({"reason": reason, "after": after, "before": before}, separators=(",", ":"))
+    return sse.encode_event(GAP_EVENT, data)
+
+
+class Hub:
+    def __init__(self, *, history_size: int, outbox_limit: int) -> None:
+        self._buckets: dict[IndexKey, set[Subscription]] = {}
+        self._history: deque[_Entry] = deque(maxlen=history_size or None)
+        self._history_size = history_size
+        self._outbox_limit = outbox_limit
+        self.log_id: str | None = None
+        self.last_sequence = 0
+        self._pending: list[Subscription] = []
+        self.clients = 0
+        self.published = 0
+        self.closing = False
+
+    # -- subscribers -------------------------------------------------------------
+
+    @contextmanager
+    def subscribe(
+        self, principal: Principal, filters: Filters, after: Cursor | None = None
+    ) -> Iterator[Subscription]:
+        """Register a client for as long as the ``with`` block runs."""
+        sub = Subscription(principal, filters, Outbox(self._outbox_limit))
+        if after is not None:
+            self._replay(sub, after)
+        if self.closing:
+            sub.outbox.close("shutdown", _server_close_frame())
+        self._buckets.setdefault(sub.key, set()).add(sub)
+        self.clients += 1
+        try:
+            yield sub
+        finally:
+            self.clients -= 1
+            bucket = self._buckets[sub.key]
+            bucket.discard(sub)
+            if not bucket:
+                del self._buckets[sub.key]
+            if sub.resume is not None:
+                self._pending.remove(sub)
+            sub.outbox.discard()
+
+    def _replay(self, sub: Subscription, after: Cursor) -> None:
+        if self.log_id is None or (
+            after.log_id == self.log_id and after.sequence >= self.last_sequence
+        ):
+            # Level with or ahead of this proxy (the client came from a replica further
+            # along, or this proxy has not heard from the upstream yet): whether anything
+            # in between is missing is decided at the next publish.
+            sub.resume = after
+            self._pending.append(sub)
+            return
+        history = self._history
+        start = None
+        for i in range(len(history) - 1, -1, -1):
+            entry = history[i]
+            if (
+                entry.event is not None
+                and entry.log_id == after.log_id
+                and entry.sequence <= after.sequence
+            ):
+                start = i + 1
+                break
+        frames: list[bytes] = []
+        if start is None:
+            oldest = next((e for e in history if e.event is not None), None)
+            if oldest is None or (oldest.log_id, oldest.sequence) != (
+                after.log_id,
+                after.sequence + 1,
+            ):
+                # Older than anything retained, or from a log this proxy does not hold.
+                before = format_id(oldest.log_id, oldest.sequence) if oldest else None
+                frames.append(gap_frame("history-exhausted", str(after), before))
+            start = 0
+        for i in range(start, len(history)):
+            entry = history[i]
+            if entry.event is None or visible(sub.principal, sub.filters, entry.event):
+                frames.append(entry.frame)
+        sub.outbox.preload(frames)
+
+    def _settle_pending(self, log_id: str, first: Event) -> None:
+        for sub in self._pending:
+            cursor, sub.resume = sub.resume, None
+            if cursor is None or sub.outbox.closed:
+                continue
+            if cursor.log_id == log_id and first.sequence <= cursor.sequence + 1:
+                sub.skip_log, sub.skip_until = log_id, cursor.sequence
+            elif not sub.outbox.put(
+                gap_frame("resume-unavailable", str(cursor), format_id(log_id, first.sequence))
+            ):
+                self._drop_slow(sub)
+        self._pending.clear()
+
+    # -- publishing --------------------------------------------------------------
+
+    def publish(self, log_id: str, events: Sequence[Event]) -> None:
+        """Deliver consecutive events of one upstream log to every matching client."""
+        if events and self._pending:
+            self._settle_pending(log_id, events[0])
+        buckets = self._buckets
+        slow: list[Subscription] = []
+        for event in events:
+            frame = sse.encode_event(
+                event.name, event.client_json(), format_id(log_id, event.sequence)
+            )
+            if self._history_size:
+                self._history.append(_Entry(log_id, event.sequence, event, frame))
+            for key in event_keys(event):
+                bucket = buckets.get(key)
+                if not bucket:
+                    continue
+                for sub in bucket:
+                    if not visible(sub.principal, sub.filters, event):
+                        continue
+                    if sub.skip_log is not None:
+                        if sub.skip_log == log_id and event.sequence <= sub.skip_until:
+                            continue
+                        sub.skip_log = None
+                    if not sub.outbox.put(frame):
+                        slow.append(sub)
+        if events:
+            self.log_id = log_id
+            self.last_sequence = events[-1].sequence
+            self.published += len(events)
+        for sub in slow:
+            self._drop_slow(sub)
+
+    def publish_gap(self, reason: str, after: str | None, before: str | None) -> None:
+        """Tell every client that events between two positions may be missing."""
+        frame = gap_frame(reason, after, before)
+        log.warning("stream gap (%s): after %s, before %s", reason, after, before)
+        if self._history_size:
+            self._history.append(_Entry(self.log_id or "", self.last_sequence, None, frame))
+        slow = [
+            sub for bucket in self._buckets.values() for sub in bucket if not sub.outbox.put(frame)
+        ]
+        for sub in slow:
+            self._drop_slow(sub)
+
+    def _drop_slow(self, sub: Subscription) -> None:
+        # Its queued frames stay: it gets everything up to the overflow, then the reason,
+        # then a clean close; its reconnect resumes from the last id it received.
+        data = json.dumps({"reason": "client-too-slow", "limit": self._outbox_limit})
+        sub.outbox.close("overflow", sse.encode_event(OVERFLOW_EVENT, data))
+        log.info("dropping slow client %s (outbox full)", sub.principal.access_key)
+
+    def close(self) -> None:
+        """Shutdown: every client gets ``server_close`` after what it has queued."""
+        self.closing = True
+        for bucket in self._buckets.values():
+            for sub in bucket:
+                sub.outbox.close("shutdown", _server_close_frame())
+
+
+def _server_close_frame() -> bytes:
+    return sse.encode_event(SERVER_CLOSE_EVENT, json.dumps({"reason": "server-shutdown"}))

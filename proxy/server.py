@@ -1,0 +1,79 @@
+"""Process wiring: one hub, one upstream bridge, one hypercorn server, one nursery.
+
+``run_proxy`` owns everything it starts. Shutdown: stop accepting, send
+``server_close`` to every client, give them ``graceful_timeout`` to read it, then
+cancel the upstream subscription (which reaches ``call.cancel()``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from .app import Readiness, create_app
+from .config import Settings
+from .hub import Hub
+from .upstream import UpstreamBridge
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunningProxy:
+    url: str
+    hub: Hub
+    bridge: UpstreamBridge
+    _stop: trio.Event
+
+    def shutdown(self) -> None:
+        self._stop.set()
+
+
+def hypercorn_config(settings: Settings) -> HypercornConfig:
+    config = HypercornConfig()
+    config.bind = [settings.server.bind]
+    config.graceful_timeout = settings.server.graceful_timeout
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.include_server_header = False
+    return config
+
+
+async def run_proxy(
+    settings: Settings, *, task_status: trio.TaskStatus[RunningProxy] = trio.TASK_STATUS_IGNORED
+) -> None:
+    hub = Hub(history_size=settings.server.history_size, outbox_limit=settings.server.outbox_limit)
+    bridge = UpstreamBridge(settings.upstream, hub)
+    app = create_app(
+        hub=hub,
+        keypairs=settings.keypair_index(),
+        readiness=Readiness(lambda: bridge.live),
+        heartbeat_interval=settings.server.heartbeat_interval,
+        max_clock_skew=settings.auth.max_clock_skew,
+    )
+    stop = trio.Event()
+
+    async def shutdown_trigger() -> None:
+        await stop.wait()
+        log.info("shutting down: closing %d client stream(s)", hub.clients)
+        hub.close()
+
+    async with trio.open_nursery() as nursery:
+
+        async def serve_then_stop(*, task_status: trio.TaskStatus[list[str]]) -> None:
+            await serve(
+                app,
+                hypercorn_config(settings),
+                shutdown_trigger=shutdown_trigger,
+                task_status=task_status,
+            )
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(bridge.run)
+        binds: list[str] = await nursery.start(partial(serve_then_stop))
+        task_status.started(RunningProxy(binds[0], hub, bridge, stop))

@@ -1,0 +1,37 @@
+"""Server-Sent Events framing (WHATWG HTML, "server-sent events"). Pure: bytes out.
+
+Every field value is checked here, once, so no caller can emit a forged event: a value
+holding CR, LF or NUL would end a line or a field early and let upstream text inject
+frames of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+_FORBIDDEN: Final = ("\r", "\n", "\x00")
+
+
+def _check_field(kind: str, value: str) -> None:
+    if any(ch in value for ch in _FORBIDDEN):
+        raise ValueError(f"SSE {kind} must not contain CR, LF or NUL: {value!r}")
+
+
+def encode_event(name: str, data: str, event_id: str | None = None) -> bytes:
+    """One complete event frame. Multi-line ``data`` becomes several ``data:`` lines."""
+    _check_field("event name", name)
+    parts: list[str] = []
+    if event_id is not None:
+        _check_field("id", event_id)
+        parts.append(f"id: {event_id}\n")
+    parts.append(f"event: {name}\n")
+    for line in data.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        parts.append(f"data: {line}\n")
+    parts.append("\n")
+    return "".join(parts).encode("utf-8")
+
+
+def encode_comment(text: str = "") -> bytes:
+    """A comment line (ignored by clients; used as a heartbeat)."""
+    _check_field("comment", text)
+    return f": {text}\n\n".encode() if text else b":\n\n"

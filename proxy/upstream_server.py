@@ -1,0 +1,168 @@
+"""The upstream that ships with the project: a real gRPC server over an event log.
+
+It serves ``KernelEventsService.Subscribe`` from a bounded, thread-safe log. What fills
+the log is up to the caller: the simulator, a replay file, or a test appending events.
+The same server runs standalone (``kernel-events-proxy upstream``), in-process for
+``serve --demo``, and in the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent import futures
+
+import grpc
+
+from ._pb.kernel_events.v1 import events_pb2 as pb
+from ._pb.kernel_events.v1 import events_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 512
+
+
+class EventLog:
+    """An append-only log of lifecycle events, of which the newest ``capacity`` are kept."""
+
+    def __init__(self, capacity: int = 100_000, log_id: str | None = None) -> None:
+        self.log_id = log_id or uuid.uuid4().hex
+        self._events: deque[pb.LifecycleEvent] = deque(maxlen=capacity)
+        self._cond = threading.Condition()
+        self._head = 0
+        self._closed = False
+
+    @property
+    def head(self) -> int:
+        return self._head
+
+    def append(self, events: Iterable[pb.LifecycleEvent]) -> int:
+        """Append events, assigning missing sequences and timestamps; return the head.
+
+        An explicit sequence must be greater than the head (gaps are allowed: they
+        model events the log lost).
+        """
+        with self._cond:
+            now = time.time()
+            for event in events:
+                if event.sequence == 0:
+                    event.sequence = self._head + 1
+                elif event.sequence <= self._head:
+                    raise ValueError(f"sequence {event.sequence} is not after {self._head}")
+                if not event.HasField("timestamp"):
+                    event.timestamp.FromNanoseconds(int(now * 1e9))
+                self._events.append(event)
+                self._head = event.sequence
+            self._cond.notify_all()
+            return self._head
+
+    def oldest(self) -> int:
+        with self._cond:
+            return self._events[0].sequence if self._events else self._head + 1
+
+    def read_after(
+        self, after: int, limit: int, timeout: float
+    ) -> tuple[list[pb.LifecycleEvent], int, int]:
+        """Events with sequence > ``after`` (waiting up to ``timeout`` for the first)."""
+        with self._cond:
+            if self._head <= after and not self._closed:
+                self._cond.wait(timeout)
+            events = self._events
+            out: list[pb.LifecycleEvent] = []
+            if events and self._head > after:
+                # Binary search would need random access by sequence; the deque is
+                # scanned from the right, which is short for live readers.
+                i = len(events)
+                while i > 0 and events[i - 1].sequence > after:
+                    i -= 1
+                stop = min(len(events), i + limit)
+                out = [events[j] for j in range(i, stop)]
+            oldest = events[0].sequence if events else self._head + 1
+            return out, oldest, self._head
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+class KernelEventsServicer(pb_grpc.KernelEventsServiceServicer):
+    def __init__(self, event_log: EventLog, poll_interval: float = 0.5) -> None:
+        self._log = event_log
+        self._poll = poll_interval
+
+    def Subscribe(
+        self, request: pb.SubscribeRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.SubscribeResponse]:
+        event_log = self._log
+        if request.log_id and request.log_id != event_log.log_id:
+            # The cursor belongs to an earlier incarnation of this log: everything we
+            # still hold is news to this subscriber.
+            position = event_log.oldest() - 1
+        elif request.after_sequence:
+            position = request.after_sequence
+        else:
+            position = event_log.head
+        context.add_callback(event_log.wake)
+        _, oldest, head = event_log.read_after(position, 0, 0)
+        # A first, empty response tells the subscriber which log it is attached to.
+        yield pb.SubscribeResponse(
+            log_id=event_log.log_id, oldest_sequence=oldest, head_sequence=head
+        )
+        while context.is_active() and not event_log.closed:
+            events, oldest, head = event_log.read_after(position, MAX_BATCH, self._poll)
+            if events:
+                position = events[-1].sequence
+                yield pb.SubscribeResponse(
+                    log_id=event_log.log_id,
+                    events=events,
+                    oldest_sequence=oldest,
+                    head_sequence=head,
+                )
+
+
+class UpstreamServer:
+    """A gRPC server for one EventLog, started and stopped by its owner."""
+
+    def __init__(self, event_log: EventLog, listen: str = "127.0.0.1:0", max_subscribers: int = 64):
+        self.log = event_log
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_subscribers, thread_name_prefix="upstream"),
+            maximum_concurrent_rpcs=max_subscribers,
+            options=[
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+                ("grpc.http2.max_ping_strikes", 0),
+            ],
+        )
+        pb_grpc.add_KernelEventsServiceServicer_to_server(
+            KernelEventsServicer(event_log), self._server
+        )
+        host, _, _ = listen.rpartition(":")
+        self.port = self._server.add_insecure_port(listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {listen}")
+        self.target = f"{host}:{self.port}"
+
+    def start(self) -> None:
+        self._server.start()
+        log.info("upstream serving log %s on %s", self.log.log_id, self.target)
+
+    def stop(self, grace: float | None = 0) -> None:
+        self.log.close()
+        self._server.stop(grace).wait()
+
+    def wait(self) -> None:
+        self._server.wait_for_termination()

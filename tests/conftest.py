@@ -1,0 +1,77 @@
+"""Fixtures: a real in-process gRPC upstream and a real proxy on a loopback socket."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from proxy.config import Settings
+from proxy.server import RunningProxy, run_proxy
+from proxy.upstream_server import EventLog, UpstreamServer
+
+from .helpers import ALL_KEYS, EVENTS_PATH, Key, SSEReader, query, signed_headers, wait_until
+
+
+@pytest.fixture
+def upstream() -> Iterator[UpstreamServer]:
+    server = UpstreamServer(EventLog(capacity=10_000), "127.0.0.1:0")
+    server.start()
+    yield server
+    server.stop(0)
+
+
+def make_settings(target: str, **server: Any) -> Settings:
+    return Settings.model_validate(
+        {
+            "server": {"bind": "127.0.0.1:0", "graceful_timeout": 2.0, **server},
+            "upstream": {"target": target, "reconnect_min": 0.05, "reconnect_max": 0.5},
+            "keypairs": [
+                k.settings().model_dump() | {"secret_key": k.secret_key} for k in ALL_KEYS
+            ],
+        }
+    )
+
+
+@dataclass
+class ProxyUnderTest:
+    running: RunningProxy
+    client: httpx.AsyncClient
+
+    @property
+    def url(self) -> str:
+        return self.running.url
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        key: Key,
+        headers: dict[str, str] | None = None,
+        **params: str,
+    ) -> AsyncIterator[SSEReader]:
+        url = f"{self.url}{EVENTS_PATH}{query(**params)}"
+        all_headers = signed_headers(url, key) | (headers or {})
+        async with self.client.stream("GET", url, headers=all_headers) as response:
+            assert response.status_code == 200, (response.status_code, await response.aread())
+            yield SSEReader(response)
+
+    async def get(
+        self, key: Key | None, headers: dict[str, str] | None = None, **params: str
+    ) -> httpx.Response:
+        url = f"{self.url}{EVENTS_PATH}{query(**params)}"
+        all_headers = (signed_headers(url, key) if key else {}) | (headers or {})
+        return await self.client.get(url, headers=all_headers)
+
+
+@pytest.fixture
+async def proxy(upstream: UpstreamServer, nursery: trio.Nursery) -> AsyncIterator[ProxyUnderTest]:
+    running: RunningProxy = await nursery.start(run_proxy, make_settings(upstream.target))
+    await wait_until(lambda: running.bridge.live)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as client:
+        yield ProxyUnderTest(running, client)
+    running.shutdown()

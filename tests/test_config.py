@@ -1,0 +1,386 @@
+"""Settings: TOML loading, defaults, and errors that name the offending key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from proxy.config import ConfigError, Settings, load_settings, settings_from_mapping
+from proxy.policy import Principal, Role
+from proxy.signing import Keypair
+
+SECRET_A = "s3cr3t-for-admin-AAAA"
+SECRET_B = "s3cr3t-for-user-BBBB"
+
+FULL_TOML = f"""
+[server]
+bind = "0.0.0.0:9000"
+heartbeat_interval = 7.5
+outbox_limit = 128
+history_size = 0
+graceful_timeout = 2
+
+[upstream]
+target = "manager.internal:50052"
+keepalive_time = 20.0
+keepalive_timeout = 4.0
+reconnect_min = 0.5
+reconnect_max = 30.0
+
+[auth]
+max_clock_skew = 300
+
+[[keypairs]]
+access_key = "AKADMIN"
+secret_key = "{SECRET_A}"
+role = "admin"
+user_id = "a1"
+domain = "research"
+
+[[keypairs]]
+access_key = "AKUSER"
+secret_key = "{SECRET_B}"
+user_id = "u1"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "proxy.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def keypair(**overrides: Any) -> dict[str, Any]:
+    return {"access_key": "AK1", "secret_key": "12345678", "user_id": "u1"} | overrides
+
+
+def error_of(data: dict[str, Any]) -> str:
+    with pytest.raises(ConfigError) as info:
+        settings_from_mapping(data)
+    return str(info.value)
+
+
+# --- Loading --------------------------------------------------------------------------
+
+
+def test_full_file_loads_every_value(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, FULL_TOML))
+    server, upstream = settings.server, settings.upstream
+    assert server.bind == "0.0.0.0:9000"
+    assert server.heartbeat_interval == 7.5
+    assert server.outbox_limit == 128
+    assert server.history_size == 0
+    assert server.graceful_timeout == 2.0
+    assert upstream.target == "manager.internal:50052"
+    assert upstream.keepalive_time == 20.0
+    assert upstream.keepalive_timeout == 4.0
+    assert upstream.reconnect_min == 0.5
+    assert upstream.reconnect_max == 30.0
+    assert settings.auth.max_clock_skew == 300.0
+    assert [kp.access_key for kp in settings.keypairs] == ["AKADMIN", "AKUSER"]
+    admin, user = settings.keypairs
+    assert admin.secret_key.get_secret_value() == SECRET_A
+    assert (admin.role, admin.user_id, admin.domain) == ("admin", "a1", "research")
+    assert (user.role, user.user_id, user.domain) == ("user", "u1", "default")
+
+
+def test_keypair_index_builds_principals_with_the_right_role(tmp_path: Path) -> None:
+    index = load_settings(write(tmp_path, FULL_TOML)).keypair_index()
+    assert index == {
+        "AKADMIN": Keypair("AKADMIN", SECRET_A, Principal("AKADMIN", Role.ADMIN, "a1", "research")),
+        "AKUSER": Keypair("AKUSER", SECRET_B, Principal("AKUSER", Role.USER, "u1", "default")),
+    }
+    assert type(index["AKADMIN"].principal.role) is Role
+
+
+@pytest.mark.parametrize(
+    ("role", "expected"),
+    [("user", Role.USER), ("admin", Role.ADMIN), ("superadmin", Role.SUPERADMIN)],
+)
+def test_each_role_maps_to_its_enum(role: str, expected: Role) -> None:
+    settings = settings_from_mapping({"keypairs": [keypair(role=role)]})
+    assert settings.keypair_index()["AK1"].principal.role is expected
+
+
+def test_keypair_index_is_empty_without_keypairs() -> None:
+    assert Settings().keypair_index() == {}
+
+
+def test_empty_file_gives_all_defaults(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, ""))
+    assert settings == Settings()
+    assert settings.server.bind == "127.0.0.1:8080"
+    assert settings.server.heartbeat_interval == 15.0
+    assert settings.server.outbox_limit == 4096
+    assert settings.server.history_size == 10_000
+    assert settings.server.graceful_timeout == 5.0
+    assert settings.upstream.target == "127.0.0.1:50051"
+    assert settings.upstream.keepalive_time == 5.0
+    assert settings.upstream.keepalive_timeout == 3.0
+    assert settings.upstream.reconnect_min == 0.1
+    assert settings.upstream.reconnect_max == 10.0
+    assert settings.auth.max_clock_skew == 900.0
+    assert settings.keypairs == ()
+
+
+def test_heartbeat_default_matches_the_originals_fifteen_seconds() -> None:
+    assert Settings().server.heartbeat_interval == 15.0
+
+
+def test_clock_skew_default_matches_the_originals_fifteen_minutes() -> None:
+    assert Settings().auth.max_clock_skew == 15 * 60
+
+
+def test_partial_section_keeps_other_defaults(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, '[server]\nbind = "[::1]:8443"\n'))
+    assert settings.server.bind == "[::1]:8443"
+    assert settings.server.heartbeat_interval == 15.0
+    assert settings.upstream == Settings().upstream
+
+
+def test_keypair_defaults_are_user_role_and_default_domain() -> None:
+    kp = settings_from_mapping({"keypairs": [keypair()]}).keypairs[0]
+    assert kp.role == "user"
+    assert kp.domain == "default"
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings()
+    with pytest.raises(ValidationError):
+        settings.server.bind = "0.0.0.0:1"
+
+
+# --- Unknown keys ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"serve": {}}, "serve: unknown key"),
+        ({"server": {"bnd": "0.0.0.0:1"}}, "server.bnd: unknown key"),
+        ({"upstream": {"targt": "h:1"}}, "upstream.targt: unknown key"),
+        ({"auth": {"skew": 1}}, "auth.skew: unknown key"),
+        ({"keypairs": [keypair(rol="admin")]}, "keypairs.0.rol: unknown key"),
+        ({"keypairs": [keypair(), keypair(access_key="AK2", x=1)]}, "keypairs.1.x: unknown key"),
+    ],
+)
+def test_unknown_key_is_an_error_naming_its_path(data: dict[str, Any], expected: str) -> None:
+    assert expected in error_of(data)
+
+
+def test_unknown_key_in_a_file_names_the_file_and_the_key(tmp_path: Path) -> None:
+    path = write(tmp_path, '[server]\nbnd = "0.0.0.0:1"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ")
+    assert "server.bnd: unknown key" in message
+
+
+def test_unknown_keypair_key_in_a_file(tmp_path: Path) -> None:
+    text = '[[keypairs]]\naccess_key = "AK"\nsecret_key = "12345678"\nuser_id = "u"\nrol = "x"\n'
+    with pytest.raises(ConfigError, match=r"keypairs\.0\.rol: unknown key"):
+        load_settings(write(tmp_path, text))
+
+
+def test_every_offending_key_is_reported_at_once() -> None:
+    message = error_of({"server": {"bnd": 1, "heartbeat_interval": -1}, "auth": {"x": 1}})
+    assert "server.bnd: unknown key" in message
+    assert "server.heartbeat_interval" in message
+    assert "auth.x: unknown key" in message
+
+
+# --- Invalid values -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bind",
+    [
+        "localhost",
+        "8080",
+        ":8080",
+        "localhost:",
+        "localhost:http",
+        "localhost:-1",
+        "localhost:65536",
+        "localhost:99999999999999999999",
+        "localhost:\uff18\uff10\uff18\uff10"  # fullwidth digits,
+        "localhost:²",
+        "localhost: 80",
+        "",
+    ],
+)
+def test_bad_bind_is_rejected_naming_server_bind(bind: str) -> None:
+    message = error_of({"server": {"bind": bind}})
+    assert message.startswith("server.bind: ")
+    assert "HOST:PORT" in message
+
+
+@pytest.mark.parametrize("bind", ["0.0.0.0:0", "localhost:65535", "[::]:8080", "a:1"])
+def test_good_bind_is_accepted(bind: str) -> None:
+    assert settings_from_mapping({"server": {"bind": bind}}).server.bind == bind
+
+
+def test_bad_upstream_target_is_rejected_naming_upstream_target() -> None:
+    assert error_of({"upstream": {"target": "nohost"}}).startswith("upstream.target: ")
+
+
+@pytest.mark.parametrize("value", [-1, 0, -0.5, 86_401, float("inf"), float("nan")])
+def test_bad_heartbeat_is_rejected_naming_the_key(value: float) -> None:
+    assert error_of({"server": {"heartbeat_interval": value}}).startswith(
+        "server.heartbeat_interval: "
+    )
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ("server", "graceful_timeout"),
+        ("upstream", "keepalive_time"),
+        ("upstream", "keepalive_timeout"),
+        ("upstream", "reconnect_min"),
+        ("upstream", "reconnect_max"),
+        ("auth", "max_clock_skew"),
+    ],
+)
+def test_every_duration_must_be_positive(section: str, key: str) -> None:
+    assert error_of({section: {key: -1}}).startswith(f"{section}.{key}: ")
+    assert error_of({section: {key: 0}}).startswith(f"{section}.{key}: ")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("outbox_limit", 0), ("outbox_limit", 1_000_001), ("history_size", -1)],
+)
+def test_bad_sizes_are_rejected_naming_the_key(key: str, value: int) -> None:
+    assert error_of({"server": {key: value}}).startswith(f"server.{key}: ")
+
+
+def test_bad_role_is_rejected_naming_the_key() -> None:
+    message = error_of({"keypairs": [keypair(role="root")]})
+    assert message.startswith("keypairs.0.role: ")
+    assert "superadmin" in message
+
+
+def test_role_is_case_sensitive() -> None:
+    assert error_of({"keypairs": [keypair(role="Admin")]}).startswith("keypairs.0.role: ")
+
+
+def test_empty_user_id_is_rejected_naming_the_key() -> None:
+    assert error_of({"keypairs": [keypair(user_id="")]}).startswith("keypairs.0.user_id: ")
+
+
+def test_missing_user_id_is_rejected_naming_the_key() -> None:
+    data = keypair()
+    del data["user_id"]
+    assert error_of({"keypairs": [data]}).startswith("keypairs.0.user_id: ")
+
+
+def test_empty_domain_is_rejected_naming_the_key() -> None:
+    assert error_of({"keypairs": [keypair(domain="")]}).startswith("keypairs.0.domain: ")
+
+
+def test_short_secret_is_rejected_naming_the_key_without_showing_it() -> None:
+    message = error_of({"keypairs": [keypair(secret_key="Xq7#zz")]})
+    assert message.startswith("keypairs.0.secret_key: ")
+    assert "Xq7#zz" not in message
+
+
+def test_eight_character_secret_is_accepted() -> None:
+    settings = settings_from_mapping({"keypairs": [keypair(secret_key="12345678")]})
+    assert settings.keypairs[0].secret_key.get_secret_value() == "12345678"
+
+
+@pytest.mark.parametrize("access_key", ["", "A K", "AK:1", "AK,1", "Ä", "A" * 129])
+def test_bad_access_key_is_rejected_naming_the_key(access_key: str) -> None:
+    assert error_of({"keypairs": [keypair(access_key=access_key)]}).startswith(
+        "keypairs.0.access_key: "
+    )
+
+
+def test_error_in_a_later_keypair_names_its_index() -> None:
+    data = {"keypairs": [keypair(), keypair(access_key="AK2", role="boss")]}
+    assert error_of(data).startswith("keypairs.1.role: ")
+
+
+def test_duplicate_access_keys_are_rejected() -> None:
+    message = error_of({"keypairs": [keypair(), keypair(secret_key="abcdefgh", user_id="u2")]})
+    assert "'AK1' appears twice" in message
+    assert "keypairs" in message
+
+
+def test_duplicate_access_keys_in_a_file_are_rejected(tmp_path: Path) -> None:
+    one = '[[keypairs]]\naccess_key = "AK"\nsecret_key = "12345678"\nuser_id = "u"\n'
+    with pytest.raises(ConfigError, match="appears twice"):
+        load_settings(write(tmp_path, one + one))
+
+
+def test_config_error_is_a_value_error() -> None:
+    assert issubclass(ConfigError, ValueError)
+
+
+# --- Unreadable or invalid files ------------------------------------------------------
+
+
+def test_invalid_toml_names_the_path(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server\nbind = \n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert str(info.value).startswith(f"{path}: invalid TOML")
+
+
+def test_invalid_utf8_is_a_config_error_naming_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[server]\nbind = "h\xe9:1"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_missing_file_names_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert str(info.value).startswith(f"{path}: cannot read")
+
+
+def test_directory_instead_of_file_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path}: cannot read")
+
+
+def test_wrong_type_for_a_section_names_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^.*: server: "):
+        load_settings(write(tmp_path, 'server = "yes"\n'))
+
+
+# --- Secrets --------------------------------------------------------------------------
+
+
+def test_secret_is_a_secret_str() -> None:
+    kp = settings_from_mapping({"keypairs": [keypair(secret_key=SECRET_A)]}).keypairs[0]
+    assert isinstance(kp.secret_key, SecretStr)
+    assert kp.secret_key.get_secret_value() == SECRET_A
+
+
+def test_repr_and_str_never_show_secrets(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, FULL_TOML))
+    for text in (
+        repr(settings),
+        str(settings),
+        repr(settings.keypairs),
+        str(settings.keypairs[0]),
+        settings.model_dump_json(),
+        str(settings.model_dump()),
+    ):
+        assert SECRET_A not in text
+        assert SECRET_B not in text
+
+
+def test_config_errors_never_show_secrets() -> None:
+    message = error_of({"keypairs": [keypair(secret_key=SECRET_A, role="root", extra=1)]})
+    assert SECRET_A not in message
