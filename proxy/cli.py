@@ -23,6 +23,7 @@ from .upstream_server import EventLog, UpstreamServer
 
 log = logging.getLogger("proxy")
 
+_BIN = str(Path(sys.executable).parent)
 DEMO_ROLES = (("AKDEMOUSER1", "user"), ("AKDEMOADMIN1", "admin"), ("AKDEMOSUPER1", "superadmin"))
 
 
@@ -167,6 +168,15 @@ def _demo_keypairs() -> list[KeypairSettings]:
     return out
 
 
+def _tail_command(url: str, key: KeypairSettings) -> str:
+    # Credentials go in the environment, not in arguments other users can see in `ps`.
+    return (
+        f"BACKEND_ACCESS_KEY={key.access_key} "
+        f"BACKEND_SECRET_KEY={key.secret_key.get_secret_value()} "
+        f"{_BIN}/kernel-events-proxy tail --url {url}"
+    )
+
+
 def _demo_banner(keys: Sequence[KeypairSettings]) -> Callable[[RunningProxy], str]:
     def banner(proxy: RunningProxy) -> str:
         lines = [
@@ -185,12 +195,10 @@ def _demo_banner(keys: Sequence[KeypairSettings]) -> Callable[[RunningProxy], st
         lines += [
             "",
             "Live events, as the superadmin (paste into another terminal):",
-            f"  .venv/bin/kernel-events-proxy tail --url {proxy.url} "
-            f"--access-key {su.access_key} --secret-key {su.secret_key.get_secret_value()}",
+            f"  {_tail_command(proxy.url, su)}",
             "",
             "Only one user's sessions:",
-            f"  .venv/bin/kernel-events-proxy tail --url {proxy.url} "
-            f"--access-key {user.access_key} --secret-key {user.secret_key.get_secret_value()}",
+            f"  {_tail_command(proxy.url, user)}",
             "",
             f"Version document: curl {proxy.url}/   Readiness: curl {proxy.url}/readyz",
             "Stop with Ctrl-C.",
@@ -250,6 +258,7 @@ def _cmd_upstream(args: argparse.Namespace) -> int:
     finally:
         stop.set()
         feeder.join()
+        event_log.close()  # subscribers' streams end cleanly before the server stops
         server.stop(1.0)
     return 0
 

@@ -60,6 +60,8 @@ class UpstreamSettings(_Section):
     # gRPC keepalive pings: a dead connection is noticed within about time + timeout.
     keepalive_time: Seconds = 5.0
     keepalive_timeout: Seconds = 3.0
+    # The upstream must answer a subscription within this long, or it is retried.
+    connect_timeout: Seconds = 5.0
     reconnect_min: Seconds = 0.1
     reconnect_max: Seconds = 10.0
 

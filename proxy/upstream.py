@@ -141,6 +141,7 @@ class UpstreamBridge:
         self._limiter = trio.CapacityLimiter(1)
         self.sequencer = Sequencer()
         self.live = False
+        self._attached = False
         self.connects = 0
         self.received = 0
         self.malformed = 0
@@ -192,9 +193,11 @@ class UpstreamBridge:
             self.connects += 1
             pump = _Pump(trio.lowlevel.current_trio_token())
             error: grpc.RpcError | None = None
+            self._attached = False
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._consume, pump)
                 nursery.start_soon(_cancel_on_exit, call, pump)
+                nursery.start_soon(self._attach_watchdog, call)
                 try:
                     await trio.to_thread.run_sync(_drain, call, pump, limiter=self._limiter)
                 except grpc.RpcError as exc:
@@ -207,6 +210,19 @@ class UpstreamBridge:
         finally:
             channel.close()
 
+    async def _attach_watchdog(self, call: grpc.Call) -> None:
+        # The upstream answers a subscription at once (its first response names the
+        # log). A peer that accepts the connection but never answers would otherwise
+        # hold us for as long as TCP allows.
+        await trio.sleep(self._settings.connect_timeout)
+        if not self._attached:
+            log.warning(
+                "upstream %s: no answer within %.1fs",
+                self._settings.target,
+                self._settings.connect_timeout,
+            )
+            call.cancel()  # type: ignore[no-untyped-call]
+
     async def _consume(self, pump: _Pump) -> None:
         while True:
             self._apply_all(await pump.take())
@@ -216,6 +232,7 @@ class UpstreamBridge:
             self._apply(response)
 
     def _apply(self, response: pb.SubscribeResponse) -> None:
+        self._attached = True
         if not self.live:
             self.live = True
             log.info("upstream %s: stream live", self._settings.target)

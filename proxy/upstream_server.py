@@ -102,6 +102,8 @@ class KernelEventsServicer(pb_grpc.KernelEventsServiceServicer):
     def __init__(self, event_log: EventLog, poll_interval: float = 0.5) -> None:
         self._log = event_log
         self._poll = poll_interval
+        self._lock = threading.Lock()
+        self.active = 0
 
     def Subscribe(
         self, request: pb.SubscribeRequest, context: grpc.ServicerContext
@@ -116,6 +118,17 @@ class KernelEventsServicer(pb_grpc.KernelEventsServiceServicer):
         else:
             position = event_log.head
         context.add_callback(event_log.wake)
+        with self._lock:
+            self.active += 1
+        try:
+            yield from self._stream(event_log, position, context)
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    def _stream(
+        self, event_log: EventLog, position: int, context: grpc.ServicerContext
+    ) -> Iterator[pb.SubscribeResponse]:
         _, oldest, head = event_log.read_after(position, 0, 0)
         # A first, empty response tells the subscriber which log it is attached to.
         yield pb.SubscribeResponse(
@@ -147,22 +160,27 @@ class UpstreamServer:
                 ("grpc.http2.max_ping_strikes", 0),
             ],
         )
-        pb_grpc.add_KernelEventsServiceServicer_to_server(
-            KernelEventsServicer(event_log), self._server
-        )
+        self._servicer = KernelEventsServicer(event_log)
+        pb_grpc.add_KernelEventsServiceServicer_to_server(self._servicer, self._server)
         host, _, _ = listen.rpartition(":")
         self.port = self._server.add_insecure_port(listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {listen}")
         self.target = f"{host}:{self.port}"
 
+    @property
+    def active_subscribers(self) -> int:
+        return self._servicer.active
+
     def start(self) -> None:
         self._server.start()
         log.info("upstream serving log %s on %s", self.log.log_id, self.target)
 
     def stop(self, grace: float | None = 0) -> None:
-        self.log.close()
-        self._server.stop(grace).wait()
+        """Stop serving; the log survives, so a new server over it can resume readers."""
+        stopped = self._server.stop(grace)
+        self.log.wake()
+        stopped.wait()
 
     def wait(self) -> None:
         self._server.wait_for_termination()

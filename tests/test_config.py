@@ -207,7 +207,7 @@ def test_every_offending_key_is_reported_at_once() -> None:
         "localhost:-1",
         "localhost:65536",
         "localhost:99999999999999999999",
-        "localhost:\uff18\uff10\uff18\uff10"  # fullwidth digits,
+        "localhost:\uff18\uff10\uff18\uff10",  # fullwidth digits
         "localhost:²",
         "localhost: 80",
         "",

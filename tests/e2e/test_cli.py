@@ -1,0 +1,154 @@
+"""The command line as a user runs it: real processes, real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from proxy._pb.kernel_events.v1 import events_pb2 as pb
+from proxy._pb.kernel_events.v1 import events_pb2_grpc as pb_grpc
+
+BIN = Path(sys.executable).parent / "kernel-events-proxy"
+
+
+def start(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [str(BIN), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def read_until(stream: object, pattern: str, limit: int = 200) -> re.Match[str]:
+    assert hasattr(stream, "readline")
+    seen = []
+    for _ in range(limit):
+        line = stream.readline()
+        if not line:
+            break
+        seen.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return match
+    raise AssertionError(f"{pattern!r} not found in:\n{''.join(seen)}")
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_demo_banner_command_shows_live_events(processes: list[subprocess.Popen[str]]) -> None:
+    demo = start("serve", "--demo", "--bind", "127.0.0.1:0", "--demo-rate", "50")
+    processes.append(demo)
+    command = read_until(demo.stdout, r"^\s+(BACKEND_ACCESS_KEY=\S+ .* tail --url \S+)$").group(1)
+    # Pasted into a shell, as the banner says.
+    result = subprocess.run(
+        ["bash", "-c", f"{command} --json --count 5"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 5
+    assert all(line["event"].startswith("kernel_") for line in lines)
+    assert all(line["id"] for line in lines)
+    demo.send_signal(signal.SIGINT)
+    assert demo.wait(15) == 0
+
+
+def test_config_error_names_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "proxy.toml"
+    config.write_text('[server]\nbnd = "127.0.0.1:1"\n')
+    result = subprocess.run(
+        [str(BIN), "serve", "--config", str(config)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert "server.bnd: unknown key" in result.stderr
+
+
+def test_serve_without_keypairs_refuses_to_start() -> None:
+    result = subprocess.run([str(BIN), "serve"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "no [[keypairs]]" in result.stderr
+
+
+def test_upstream_replays_a_file_skips_bad_lines_and_follows(
+    tmp_path: Path, processes: list[subprocess.Popen[str]]
+) -> None:
+    events = tmp_path / "events.jsonl"
+    events.write_text(
+        '{"name": "kernel_preparing", "sessionId": "s1", "ownerAccessKey": "AK1", '
+        '"userId": "u1", "domainName": "default", "groupName": "g1", "reason": "scheduled"}\n'
+        "this is not json\n"
+        '{"name": "kernel_terminated", "sessionId": "s1", "ownerAccessKey": "AK1", '
+        '"userId": "u1", "domainName": "default", "groupName": "g1", "result": "SUCCESS"}\n'
+    )
+    port = free_port()
+    upstream = start(
+        "upstream", "--listen", f"127.0.0.1:{port}", "--replay", str(events), "--follow"
+    )
+    processes.append(upstream)
+    read_until(upstream.stdout, "upstream serving on")
+    read_until(upstream.stderr, r"line 2: invalid JSON")
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.KernelEventsServiceStub(channel)
+        call = stub.Subscribe(pb.SubscribeRequest(after_sequence=0, log_id="older"), timeout=20)
+        got: list[pb.LifecycleEvent] = []
+        appended = False
+        for response in call:
+            got.extend(response.events)
+            if len(got) == 2 and not appended:
+                with events.open("a") as f:
+                    f.write(
+                        '{"name": "kernel_cancelled", "sessionId": "s2", "ownerAccessKey": "AK1",'
+                        ' "userId": "u1", "domainName": "default", "groupName": "g1"}\n'
+                    )
+                appended = True
+            if len(got) == 3:
+                break
+    assert [(e.sequence, e.name, e.session_id) for e in got] == [
+        (1, "kernel_preparing", "s1"),
+        (2, "kernel_terminated", "s1"),
+        (3, "kernel_cancelled", "s2"),
+    ]
+    assert got[1].result == pb.RESULT_SUCCESS
+    upstream.terminate()
+    assert upstream.wait(10) == 0
+
+
+def test_upstream_rejects_follow_without_replay() -> None:
+    result = subprocess.run(
+        [str(BIN), "upstream", "--follow"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert "--follow needs --replay" in result.stderr

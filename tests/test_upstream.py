@@ -1,0 +1,275 @@
+"""The upstream bridge and the shipped upstream server, over real gRPC on loopback."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import trio
+
+from proxy._pb.kernel_events.v1 import events_pb2 as pb
+from proxy._pb.kernel_events.v1 import events_pb2_grpc as pb_grpc
+from proxy.config import UpstreamSettings
+from proxy.hub import Hub
+from proxy.policy import Filters, Principal, Role
+from proxy.upstream import Gap, Sequencer, UpstreamBridge
+from proxy.upstream_server import EventLog, UpstreamServer
+
+from .helpers import USER1, lifecycle, wait_until
+
+SUPER = Principal("AKS", Role.SUPERADMIN, "s", "default")
+
+
+def bridge_for(target: str, hub: Hub) -> UpstreamBridge:
+    return UpstreamBridge(
+        UpstreamSettings(target=target, reconnect_min=0.05, reconnect_max=0.3), hub
+    )
+
+
+def events_in(frames: list[bytes]) -> list[tuple[str, str | None]]:
+    """(event name, id) for each frame."""
+    out = []
+    for frame in frames:
+        fields = dict(
+            line.split(": ", 1) for line in frame.decode().strip().split("\n") if ": " in line
+        )
+        out.append((fields["event"], fields.get("id")))
+    return out
+
+
+# -- Sequencer (pure) ------------------------------------------------------------
+
+
+def test_sequencer_drops_duplicates_and_names_gaps() -> None:
+    seq = Sequencer()
+    assert seq.accept("L", [5, 6]) == (0, None)
+    assert seq.accept("L", [5, 6, 7]) == (2, None)
+    assert seq.accept("L", [10]) == (0, Gap("upstream-gap", "L:7", "L:10"))
+    assert seq.accept("M", [1, 2]) == (0, Gap("upstream-restarted", "L:10", "M:1"))
+    assert (seq.log_id, seq.last) == ("M", 2)
+
+
+def test_sequencer_log_change_without_events_is_a_gap() -> None:
+    seq = Sequencer()
+    seq.accept("L", [1])
+    _, gap = seq.accept("M", [])
+    assert gap is not None
+    assert gap.reason == "upstream-restarted"
+
+
+# -- the shipped server ------------------------------------------------------------
+
+
+@pytest.fixture
+def server() -> Iterator[UpstreamServer]:
+    srv = UpstreamServer(EventLog(capacity=5), "127.0.0.1:0")
+    srv.start()
+    yield srv
+    srv.stop(0)
+
+
+def subscribe(target: str, after: int = 0, log_id: str = "") -> tuple[grpc.Channel, grpc.Call]:
+    channel = grpc.insecure_channel(target)
+    stub = pb_grpc.KernelEventsServiceStub(channel)
+    call = stub.Subscribe(pb.SubscribeRequest(after_sequence=after, log_id=log_id), timeout=5)
+    return channel, call
+
+
+def test_server_first_response_names_the_log(server: UpstreamServer) -> None:
+    server.log.append([lifecycle("kernel_started", "a", USER1)])
+    channel, call = subscribe(server.target)
+    first = next(call)  # type: ignore[call-overload]
+    assert (first.log_id, list(first.events), first.head_sequence) == (server.log.log_id, [], 1)
+    call.cancel()  # type: ignore[no-untyped-call]
+    channel.close()
+
+
+def test_server_resumes_after_sequence_in_batches(server: UpstreamServer) -> None:
+    server.log.append([lifecycle("kernel_started", f"s{i}", USER1) for i in range(4)])
+    channel, call = subscribe(server.target, after=1, log_id=server.log.log_id)
+    next(call)  # type: ignore[call-overload]
+    batch = next(call)  # type: ignore[call-overload]
+    assert [e.sequence for e in batch.events] == [2, 3, 4]
+    call.cancel()  # type: ignore[no-untyped-call]
+    channel.close()
+
+
+def test_server_history_is_bounded(server: UpstreamServer) -> None:
+    server.log.append([lifecycle("kernel_started", f"s{i}", USER1) for i in range(8)])
+    channel, call = subscribe(server.target, after=1, log_id=server.log.log_id)
+    hello = next(call)  # type: ignore[call-overload]
+    assert hello.oldest_sequence == 4
+    batch = next(call)  # type: ignore[call-overload]
+    assert [e.sequence for e in batch.events] == [4, 5, 6, 7, 8]
+    call.cancel()  # type: ignore[no-untyped-call]
+    channel.close()
+
+
+def test_server_cursor_from_another_log_gets_everything_retained(server: UpstreamServer) -> None:
+    server.log.append([lifecycle("kernel_started", f"s{i}", USER1) for i in range(3)])
+    channel, call = subscribe(server.target, after=99, log_id="an-older-log")
+    next(call)  # type: ignore[call-overload]
+    assert [e.sequence for e in next(call).events] == [1, 2, 3]  # type: ignore[call-overload]
+    call.cancel()  # type: ignore[no-untyped-call]
+    channel.close()
+
+
+def test_log_rejects_non_increasing_sequence() -> None:
+    log = EventLog()
+    log.append([lifecycle("a", "s", USER1, sequence=5)])
+    with pytest.raises(ValueError, match="not after 5"):
+        log.append([lifecycle("a", "s", USER1, sequence=5)])
+
+
+# -- the bridge --------------------------------------------------------------------
+
+
+async def test_bridge_delivers_and_cancellation_reaches_the_thread(
+    server: UpstreamServer,
+) -> None:
+    hub = Hub(history_size=100, outbox_limit=100)
+    bridge = bridge_for(server.target, hub)
+    with hub.subscribe(SUPER, Filters()) as sub:
+        # The worker thread must finish for the nursery to close (abandon_on_cancel is
+        # off), so a prompt exit proves cancellation reached the blocked `next(call)`.
+        with trio.fail_after(3):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(bridge.run)
+                await wait_until(lambda: bridge.live)
+                assert server.active_subscribers == 1
+                server.log.append([lifecycle("kernel_started", f"s{i}", USER1) for i in range(3)])
+                await wait_until(lambda: len(sub.outbox) == 3)
+                nursery.cancel_scope.cancel()
+        log_id = server.log.log_id
+        assert events_in(await sub.outbox.take()) == [
+            ("kernel_started", f"{log_id}:{i}") for i in (1, 2, 3)
+        ]
+    # ...and the upstream saw the RPC end.
+    await wait_until(lambda: server.active_subscribers == 0)
+
+
+async def test_bridge_waits_for_an_unreachable_upstream_then_streams() -> None:
+    event_log = EventLog()
+    with socket.socket() as probe:  # a port that is free: connections are refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    hub = Hub(history_size=100, outbox_limit=100)
+    bridge = bridge_for(f"127.0.0.1:{port}", hub)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bridge.run)
+        await wait_until(lambda: bridge.connects >= 3)
+        assert not bridge.live
+        server = UpstreamServer(event_log, f"127.0.0.1:{port}")
+        server.start()
+        try:
+            await wait_until(lambda: bridge.live)
+            event_log.append([lifecycle("kernel_started", "a", USER1)])
+            await wait_until(lambda: hub.published == 1)
+        finally:
+            nursery.cancel_scope.cancel()
+            server.stop(0)
+
+
+async def test_bridge_resumes_without_loss_or_duplicate_after_upstream_restart() -> None:
+    event_log = EventLog()
+    server = UpstreamServer(event_log, "127.0.0.1:0")
+    port = server.port
+    server.start()
+    hub = Hub(history_size=1000, outbox_limit=1000)
+    bridge = bridge_for(server.target, hub)
+    with hub.subscribe(SUPER, Filters()) as sub:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bridge.run)
+            await wait_until(lambda: bridge.live)
+            sent = 0
+            for _round in range(5):
+                event_log.append(
+                    [lifecycle("kernel_started", f"s{sent + i}", USER1) for i in range(10)]
+                )
+                sent += 10
+                await wait_until(lambda n=sent: hub.published == n)  # type: ignore[misc]
+                server.stop(0)
+                # Events the proxy has not seen yet, written while it is cut off.
+                event_log.append(
+                    [lifecycle("kernel_started", f"s{sent + i}", USER1) for i in range(5)]
+                )
+                sent += 5
+                server = UpstreamServer(event_log, f"127.0.0.1:{port}")
+                server.start()
+                await wait_until(lambda n=sent: hub.published == n)  # type: ignore[misc]
+            nursery.cancel_scope.cancel()
+        server.stop(0)
+        got = events_in(await sub.outbox.take())
+    assert [i for _, i in got] == [f"{event_log.log_id}:{n}" for n in range(1, sent + 1)]
+    assert bridge.connects >= 6
+
+
+async def test_bridge_reports_a_gap_when_the_upstream_restarts_empty() -> None:
+    server = UpstreamServer(EventLog(), "127.0.0.1:0")
+    port = server.port
+    server.start()
+    hub = Hub(history_size=100, outbox_limit=100)
+    bridge = bridge_for(server.target, hub)
+    with hub.subscribe(SUPER, Filters()) as sub:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bridge.run)
+            await wait_until(lambda: bridge.live)
+            server.log.append([lifecycle("kernel_started", "a", USER1)])
+            await wait_until(lambda: hub.published == 1)
+            old_log = server.log.log_id
+            server.stop(0)
+            server = UpstreamServer(EventLog(), f"127.0.0.1:{port}")  # a new, empty log
+            server.start()
+            await wait_until(lambda: bridge.sequencer.log_id == server.log.log_id)
+            server.log.append([lifecycle("kernel_started", "b", USER1)])
+            await wait_until(lambda: hub.published == 2)
+            nursery.cancel_scope.cancel()
+        server.stop(0)
+        got = events_in(await sub.outbox.take())
+    assert got == [
+        ("kernel_started", f"{old_log}:1"),
+        ("stream_gap", None),
+        ("kernel_started", f"{server.log.log_id}:1"),
+    ]
+
+
+async def test_bridge_skips_malformed_events_and_keeps_streaming(server: UpstreamServer) -> None:
+    hub = Hub(history_size=100, outbox_limit=100)
+    bridge = bridge_for(server.target, hub)
+    with hub.subscribe(SUPER, Filters()) as sub:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bridge.run)
+            await wait_until(lambda: bridge.live)
+            server.log.append(
+                [
+                    lifecycle("bad\nname", "a", USER1),
+                    lifecycle("kernel_started", "b", USER1),
+                ]
+            )
+            await wait_until(lambda: hub.published == 1)
+            nursery.cancel_scope.cancel()
+        assert bridge.malformed == 1
+        assert events_in(await sub.outbox.take()) == [("kernel_started", f"{server.log.log_id}:2")]
+
+
+async def test_bridge_gives_up_on_a_peer_that_never_answers() -> None:
+    with socket.socket() as silent:  # accepts TCP connections, never speaks HTTP/2
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        hub = Hub(history_size=10, outbox_limit=10)
+        bridge = UpstreamBridge(
+            UpstreamSettings(
+                target=f"127.0.0.1:{silent.getsockname()[1]}",
+                connect_timeout=0.2,
+                reconnect_min=0.05,
+                reconnect_max=0.1,
+            ),
+            hub,
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bridge.run)
+            await wait_until(lambda: bridge.connects >= 3)
+            assert not bridge.live
+            nursery.cancel_scope.cancel()
