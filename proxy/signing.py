@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Final
@@ -33,7 +33,7 @@ _DUMMY_SECRET: Final = "dummy-secret-for-constant-time-compare"  # noqa: S105 - 
 @dataclass(frozen=True, slots=True)
 class Keypair:
     access_key: str
-    secret_key: str
+    secret_key: str = field(repr=False)  # never in logs
     principal: Principal
 
 

@@ -20,6 +20,8 @@ def _check_field(kind: str, value: str) -> None:
 def encode_event(name: str, data: str, event_id: str | None = None) -> bytes:
     """One complete event frame. Multi-line ``data`` becomes several ``data:`` lines."""
     _check_field("event name", name)
+    if not name:
+        raise ValueError("SSE event name must not be empty (clients would see 'message')")
     parts: list[str] = []
     if event_id is not None:
         _check_field("id", event_id)
