@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 from urllib.parse import parse_qs
@@ -21,9 +21,10 @@ from werkzeug.exceptions import HTTPException
 
 from . import __version__, sse
 from .eventid import Cursor, InvalidEventId, parse_id
-from .hub import Hub, Subscription
-from .policy import Filters, PolicyError, Principal, resolve_filters
+from .hub import Hub, Subscription, encode, gap_frame
+from .policy import Filters, PolicyError, Principal, resolve_filters, visible
 from .signing import AuthError, Keypair, verify
+from .upstream import Fetched
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ API_VERSION: Final = "v4.20190615"
 EVENTS_PATH: Final = "/stream/kernel/_/events"
 MAX_QUERY_FIELDS: Final = 16
 _PING: Final = sse.encode_comment("ping")
+# Reads (after, until] of a log from the upstream, for clients older than the history.
+Fetch = Callable[[str, int, int], Awaitable[Fetched]]
 # Headers that authenticate a request must appear once: with two, which one was signed?
 _SINGLE_HEADERS: Final = frozenset(
     {"authorization", "date", "x-backendai-date", "host", "content-type", "x-backendai-version"}
@@ -75,6 +78,7 @@ def create_app(
     hub: Hub,
     keypairs: Mapping[str, Keypair],
     readiness: Readiness,
+    fetch: Fetch,
     heartbeat_interval: float = 15.0,
     max_clock_skew: float = 900.0,
 ) -> QuartTrio:
@@ -168,7 +172,7 @@ def create_app(
                 exc.status, "forbidden" if exc.status == 403 else "bad-parameter", exc.message
             ) from None
         cursor = resume_cursor(params)
-        body = _stream(hub, principal, filters, cursor, heartbeat_interval)
+        body = _stream(hub, principal, filters, cursor, heartbeat_interval, fetch)
         response = Response(body, content_type="text/event-stream; charset=utf-8")
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"
@@ -192,6 +196,7 @@ async def _stream(
     filters: Filters,
     cursor: Cursor | None,
     heartbeat_interval: float,
+    fetch: Fetch,
 ) -> AsyncIterator[bytes]:
     started = time.monotonic()
     sent = 0
@@ -204,7 +209,7 @@ async def _stream(
             cursor,
         )
         try:
-            async for chunk in _frames(sub, heartbeat_interval):
+            async for chunk in _frames(sub, heartbeat_interval, fetch):
                 sent += 1
                 yield chunk
         finally:
@@ -217,17 +222,44 @@ async def _stream(
             )
 
 
-async def _frames(sub: Subscription, heartbeat_interval: float) -> AsyncIterator[bytes]:
+async def _frames(
+    sub: Subscription, heartbeat_interval: float, fetch: Fetch
+) -> AsyncIterator[bytes]:
     outbox = sub.outbox
     while True:
-        frames: list[bytes] | None = None
-        with trio.move_on_after(heartbeat_interval):
-            frames = await outbox.take()
-        if frames is None:
-            yield _PING
-            continue
+        frames: list[bytes] | None = []
+        if sub.catchup is None:
+            frames = None
+            with trio.move_on_after(heartbeat_interval):
+                frames = await outbox.take()
+            if frames is None:
+                yield _PING
+                continue
+        # A catch-up (set at subscribe time, or by the first publish after it) comes
+        # before anything queued: those events are older.
+        while sub.catchup is not None:
+            chunk = await _catch_up(sub, fetch)
+            if chunk:
+                yield chunk
         if frames:
             # Coalesce: everything queued goes out in one write.
             yield frames[0] if len(frames) == 1 else b"".join(frames)
         if outbox.closed and not len(outbox):
             return
+
+
+async def _catch_up(sub: Subscription, fetch: Fetch) -> bytes:
+    assert sub.catchup is not None
+    cursor, until = sub.catchup
+    fetched = await fetch(cursor.log_id, cursor.sequence, until)
+    out: list[bytes] = []
+    if fetched.gap is not None:
+        out.append(gap_frame(fetched.gap.reason, fetched.gap.after, fetched.gap.before))
+    out.extend(
+        encode(cursor.log_id, event)
+        for event in fetched.events
+        if visible(sub.principal, sub.filters, event)
+    )
+    done = fetched.reached >= until or fetched.reached <= cursor.sequence
+    sub.catchup = None if done else (Cursor(cursor.log_id, fetched.reached), until)
+    return b"".join(out)

@@ -91,7 +91,16 @@ class Outbox:
 
 
 class Subscription:
-    __slots__ = ("filters", "key", "outbox", "principal", "resume", "skip_log", "skip_until")
+    __slots__ = (
+        "catchup",
+        "filters",
+        "key",
+        "outbox",
+        "principal",
+        "resume",
+        "skip_log",
+        "skip_until",
+    )
 
     def __init__(self, principal: Principal, filters: Filters, outbox: Outbox) -> None:
         self.principal = principal
@@ -99,10 +108,18 @@ class Subscription:
         self.outbox = outbox
         self.key: IndexKey = index_key(principal, filters)
         self.resume: Cursor | None = None
+        # Events (cursor, up to this sequence] must be fetched from the upstream and
+        # written before anything in the outbox: they predate it.
+        self.catchup: tuple[Cursor, int] | None = None
         # Set when a client resumed from a position this proxy had not published yet:
         # events up to it are ones the client already has.
         self.skip_log: str | None = None
         self.skip_until = 0
+
+
+def encode(log_id: str, event: Event) -> bytes:
+    """The one SSE frame for an upstream event, shared by every recipient."""
+    return sse.encode_event(event.name, event.client_json(), format_id(log_id, event.sequence))
 
 
 def gap_frame(reason: str, after: str | None, before: str | None) -> bytes:
@@ -161,27 +178,36 @@ class Hub:
             self._pending.append(sub)
             return
         history = self._history
-        start = None
+        start: int | None = None
+        first_of_log: int | None = None  # index of the oldest retained event of its log
         for i in range(len(history) - 1, -1, -1):
             entry = history[i]
-            if (
-                entry.event is not None
-                and entry.log_id == after.log_id
-                and entry.sequence <= after.sequence
-            ):
+            if entry.event is None or entry.log_id != after.log_id:
+                continue
+            if entry.sequence <= after.sequence:
                 start = i + 1
                 break
+            first_of_log = i
         frames: list[bytes] = []
         if start is None:
-            oldest = next((e for e in history if e.event is not None), None)
-            if oldest is None or (oldest.log_id, oldest.sequence) != (
-                after.log_id,
-                after.sequence + 1,
-            ):
-                # Older than anything retained, or from a log this proxy does not hold.
-                before = format_id(oldest.log_id, oldest.sequence) if oldest else None
+            if first_of_log is not None:
+                # The client's log is still here, but its position is older than what
+                # this proxy retains: the writer fetches the rest from the upstream.
+                oldest = history[first_of_log]
+                if oldest.sequence > after.sequence + 1:
+                    sub.catchup = (after, oldest.sequence - 1)
+                start = first_of_log
+            elif after.log_id == self.log_id:
+                sub.catchup = (after, self.last_sequence)
+                start = len(history)
+            else:
+                # A log neither this proxy nor (as far as it knows) the upstream holds.
+                oldest_entry = next((e for e in history if e.event is not None), None)
+                before = (
+                    format_id(oldest_entry.log_id, oldest_entry.sequence) if oldest_entry else None
+                )
                 frames.append(gap_frame("history-exhausted", str(after), before))
-            start = 0
+                start = 0
         for i in range(start, len(history)):
             entry = history[i]
             if entry.event is None or visible(sub.principal, sub.filters, entry.event):
@@ -193,12 +219,16 @@ class Hub:
             cursor, sub.resume = sub.resume, None
             if cursor is None or sub.outbox.closed:
                 continue
-            if cursor.log_id == log_id and first.sequence <= cursor.sequence + 1:
+            if cursor.log_id != log_id:
+                if not sub.outbox.put(
+                    gap_frame("upstream-restarted", str(cursor), format_id(log_id, first.sequence))
+                ):
+                    self._drop_slow(sub)
+            elif first.sequence <= cursor.sequence + 1:
                 sub.skip_log, sub.skip_until = log_id, cursor.sequence
-            elif not sub.outbox.put(
-                gap_frame("resume-unavailable", str(cursor), format_id(log_id, first.sequence))
-            ):
-                self._drop_slow(sub)
+            else:
+                # This proxy started after the client's position: fetch the difference.
+                sub.catchup = (cursor, first.sequence - 1)
         self._pending.clear()
 
     # -- publishing --------------------------------------------------------------
@@ -210,9 +240,7 @@ class Hub:
         buckets = self._buckets
         slow: list[Subscription] = []
         for event in events:
-            frame = sse.encode_event(
-                event.name, event.client_json(), format_id(log_id, event.sequence)
-            )
+            frame = encode(log_id, event)
             if self._history_size:
                 self._history.append(_Entry(log_id, event.sequence, event, frame))
             for key in event_keys(event):

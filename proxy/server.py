@@ -53,6 +53,7 @@ async def run_proxy(
         hub=hub,
         keypairs=settings.keypair_index(),
         readiness=Readiness(lambda: bridge.live),
+        fetch=bridge.fetch,
         heartbeat_interval=settings.server.heartbeat_interval,
         max_clock_skew=settings.auth.max_clock_skew,
     )

@@ -20,11 +20,12 @@ def _check_field(kind: str, value: str) -> None:
 def encode_event(name: str, data: str, event_id: str | None = None) -> bytes:
     """One complete event frame. Multi-line ``data`` becomes several ``data:`` lines."""
     _check_field("event name", name)
+    if event_id is not None:
+        _check_field("id", event_id)
     if not name:
         raise ValueError("SSE event name must not be empty (clients would see 'message')")
     parts: list[str] = []
     if event_id is not None:
-        _check_field("id", event_id)
         parts.append(f"id: {event_id}\n")
     parts.append(f"event: {name}\n")
     for line in data.replace("\r\n", "\n").replace("\r", "\n").split("\n"):

@@ -40,7 +40,16 @@ MAX_PENDING_RESPONSES: Final = 1024
 class Gap:
     reason: str
     after: str | None
-    before: str
+    before: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """Part of the upstream's log fetched for one client's catch-up."""
+
+    events: list[Event]
+    reached: int  # the cursor after this fetch: every sequence up to it is accounted for
+    gap: Gap | None = None  # what the upstream no longer has (or could not give)
 
 
 class Sequencer:
@@ -50,23 +59,29 @@ class Sequencer:
         self.log_id: str | None = None
         self.last = 0
 
+    def attach(self, log_id: str, head: int) -> None:
+        """A first, live-only subscription starts at the upstream's head."""
+        if self.log_id is None:
+            self.log_id, self.last = log_id, head
+
     def accept(self, log_id: str, sequences: Sequence[int]) -> tuple[int, Gap | None]:
         """Return how many leading events are duplicates to drop, and any gap."""
         gap: Gap | None = None
-        previous = format_id(self.log_id, self.last) if self.log_id and self.last else None
+        previous = format_id(self.log_id, self.last) if self.log_id else None
         if self.log_id is not None and log_id != self.log_id:
             # The upstream restarted with a new log: whatever followed our last event
             # in the old log is gone.
-            first = sequences[0] if sequences else 0
-            gap = Gap("upstream-restarted", previous, format_id(log_id, first))
-            self.log_id, self.last = log_id, 0
+            first = sequences[0] if sequences else None
+            gap = Gap("upstream-restarted", previous, format_id(log_id, first) if first else None)
+            self.last = 0
+        known = self.log_id is not None
         self.log_id = log_id
         skip = 0
         while skip < len(sequences) and sequences[skip] <= self.last:
             skip += 1
         if skip < len(sequences):
             first = sequences[skip]
-            if gap is None and self.last and first > self.last + 1:
+            if gap is None and known and first > self.last + 1:
                 gap = Gap("upstream-gap", previous, format_id(log_id, first))
             self.last = sequences[-1]
         return skip, gap
@@ -139,6 +154,8 @@ class UpstreamBridge:
         self._rng = rng or random.Random()
         self._channel_factory = channel_factory or self._default_channel
         self._limiter = trio.CapacityLimiter(1)
+        # Catch-ups each hold a worker thread; a reconnect storm must not spawn hundreds.
+        self._fetch_limiter = trio.CapacityLimiter(4)
         self.sequencer = Sequencer()
         self.live = False
         self._attached = False
@@ -210,6 +227,33 @@ class UpstreamBridge:
         finally:
             channel.close()
 
+    async def fetch(self, log_id: str, after: int, until: int, limit: int = 5000) -> Fetched:
+        """Read events (after, until] of ``log_id`` from the upstream, at most ``limit``.
+
+        For a client resuming from before this proxy's history. Whatever the upstream
+        cannot give (its log changed, it no longer retains them, it does not answer)
+        comes back as a gap, so the caller can say so instead of skipping silently.
+        """
+        request = pb.SubscribeRequest(after_sequence=after, log_id=log_id)
+        lost = Gap("upstream-unavailable", format_id(log_id, after), format_id(log_id, until + 1))
+        channel = self._channel_factory(self._settings.target)
+        try:
+            call = pb_grpc.KernelEventsServiceStub(channel).Subscribe(
+                request, timeout=self._settings.connect_timeout + 30
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_exit, call, None)
+                responses = await trio.to_thread.run_sync(
+                    _collect, call, log_id, after, until, limit, limiter=self._fetch_limiter
+                )
+                nursery.cancel_scope.cancel()
+        except grpc.RpcError as exc:
+            log.warning("catch-up from %s failed: %s", self._settings.target, _details(exc))
+            return Fetched([], until, lost)
+        finally:
+            channel.close()
+        return _fetched(log_id, after, until, responses, lost)
+
     async def _attach_watchdog(self, call: grpc.Call) -> None:
         # The upstream answers a subscription at once (its first response names the
         # log). A peer that accepts the connection but never answers would otherwise
@@ -238,6 +282,7 @@ class UpstreamBridge:
             log.info("upstream %s: stream live", self._settings.target)
         log_id = _safe_log_id(response.log_id)
         messages = response.events
+        self.sequencer.attach(log_id, response.head_sequence)
         skip, gap = self.sequencer.accept(log_id, [m.sequence for m in messages])
         if gap is not None:
             self._hub.publish_gap(gap.reason, gap.after, gap.before)
@@ -253,6 +298,68 @@ class UpstreamBridge:
             self._hub.publish(log_id, events)
 
 
+def _collect(
+    call: grpc.Call, log_id: str, after: int, until: int, limit: int
+) -> list[pb.SubscribeResponse]:
+    """Worker thread: read responses until ``until`` (or ``limit`` events) is covered."""
+    out: list[pb.SubscribeResponse] = []
+    count = 0
+    target = until
+    try:
+        for response in call:  # type: ignore[attr-defined]
+            out.append(response)
+            if len(out) == 1:
+                # The first response names the log and its head: a different log, or one
+                # that ends before `until`, cannot give us more than it has now.
+                if _safe_log_id(response.log_id) != log_id:
+                    break
+                target = min(until, response.head_sequence)
+            count += len(response.events)
+            last = response.events[-1].sequence if response.events else 0
+            if count >= limit or last >= target or target <= after:
+                break
+    except grpc.RpcError as exc:
+        if not (isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.CANCELLED):
+            raise
+    finally:
+        call.cancel()  # type: ignore[no-untyped-call]
+    return out
+
+
+def _fetched(
+    log_id: str, after: int, until: int, responses: list[pb.SubscribeResponse], lost: Gap
+) -> Fetched:
+    """Turn a catch-up's raw responses into the events a client is owed (pure)."""
+    if not responses:
+        return Fetched([], until, lost)
+    hello = responses[0]
+    if _safe_log_id(hello.log_id) != log_id:
+        return Fetched([], until, Gap("upstream-restarted", lost.after, lost.before))
+    events: list[Event] = []
+    reached = after
+    gap: Gap | None = None
+    for response in responses:
+        for msg in response.events:
+            if msg.sequence <= reached or msg.sequence > until:
+                continue
+            if msg.sequence > reached + 1 and gap is None:
+                gap = Gap(
+                    "history-exhausted", format_id(log_id, reached), format_id(log_id, msg.sequence)
+                )
+            reached = msg.sequence
+            try:
+                events.append(from_proto(msg))
+            except MalformedEvent as exc:
+                log.warning("skipping malformed upstream event: %s", exc)
+    if reached < until and hello.head_sequence < until:
+        # The upstream's log ends before what this proxy has seen: it cannot be had.
+        gap = gap or Gap(
+            "history-exhausted", format_id(log_id, reached), format_id(log_id, until + 1)
+        )
+        reached = until
+    return Fetched(events, reached, gap)
+
+
 def _drain(call: grpc.Call, pump: _Pump) -> None:
     """Worker thread: read the blocking iterator until it ends, fails or is cancelled."""
     try:
@@ -265,12 +372,13 @@ def _drain(call: grpc.Call, pump: _Pump) -> None:
         raise
 
 
-async def _cancel_on_exit(call: grpc.Call, pump: _Pump) -> None:
+async def _cancel_on_exit(call: grpc.Call, pump: _Pump | None) -> None:
     try:
         await trio.sleep_forever()
     finally:
         call.cancel()  # type: ignore[no-untyped-call]
-        pump.close()
+        if pump is not None:
+            pump.close()
 
 
 def _details(exc: grpc.RpcError) -> str:

@@ -68,10 +68,19 @@ class ProxyUnderTest:
         return await self.client.get(url, headers=all_headers)
 
 
-@pytest.fixture
-async def proxy(upstream: UpstreamServer, nursery: trio.Nursery) -> AsyncIterator[ProxyUnderTest]:
-    running: RunningProxy = await nursery.start(run_proxy, make_settings(upstream.target))
+@asynccontextmanager
+async def started_proxy(
+    nursery: trio.Nursery, target: str, **server: Any
+) -> AsyncIterator[ProxyUnderTest]:
+    """A proxy on a loopback port, attached to ``target``; shut down on exit."""
+    running: RunningProxy = await nursery.start(run_proxy, make_settings(target, **server))
     await wait_until(lambda: running.bridge.live)
     async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as client:
         yield ProxyUnderTest(running, client)
     running.shutdown()
+
+
+@pytest.fixture
+async def proxy(upstream: UpstreamServer, nursery: trio.Nursery) -> AsyncIterator[ProxyUnderTest]:
+    async with started_proxy(nursery, upstream.target) as running:
+        yield running

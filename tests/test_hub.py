@@ -119,14 +119,31 @@ def test_resume_from_history_replays_only_visible_events_after_cursor() -> None:
         assert ids(sub.outbox) == ["L:3", "L:4", "L:5"]
 
 
-def test_resume_older_than_history_sends_a_gap_first() -> None:
+def test_resume_older_than_history_asks_for_a_catch_up_first() -> None:
     hub = Hub(history_size=2, outbox_limit=10)
     hub.publish("L", [ev(1), ev(2), ev(3), ev(4)])
     with hub.subscribe(SUPER, Filters(), after=Cursor("L", 1)) as sub:
+        # Events 2..2 must come from the upstream, before the retained 3 and 4.
+        assert sub.catchup == (Cursor("L", 1), 2)
+        assert ids(sub.outbox) == ["L:3", "L:4"]
+
+
+def test_resume_from_an_unknown_log_sends_a_gap_then_history() -> None:
+    hub = Hub(history_size=2, outbox_limit=10)
+    hub.publish("L", [ev(1), ev(2), ev(3)])
+    with hub.subscribe(SUPER, Filters(), after=Cursor("OLD", 7)) as sub:
+        assert sub.catchup is None
         assert event_names(sub.outbox) == ["stream_gap", "kernel_started", "kernel_started"]
         gap = json.loads(sub.outbox._frames[0].decode().split("data: ")[1])
-        assert gap == {"reason": "history-exhausted", "after": "L:1", "before": "L:3"}
-        assert ids(sub.outbox) == ["L:3", "L:4"]
+        assert gap == {"reason": "history-exhausted", "after": "OLD:7", "before": "L:2"}
+
+
+def test_resume_in_current_log_without_history_catches_up_to_the_head() -> None:
+    hub = Hub(history_size=0, outbox_limit=10)
+    hub.publish("L", [ev(1), ev(2), ev(3)])
+    with hub.subscribe(SUPER, Filters(), after=Cursor("L", 1)) as sub:
+        assert sub.catchup == (Cursor("L", 1), 3)
+        assert ids(sub.outbox) == []
 
 
 def test_resume_just_before_oldest_retained_is_not_a_gap() -> None:
@@ -145,10 +162,19 @@ def test_resume_ahead_of_this_proxy_skips_what_the_client_has() -> None:
         assert ids(sub.outbox) == ["L:5"]
 
 
-def test_resume_before_first_publish_reports_a_real_gap() -> None:
+def test_resume_before_first_publish_catches_up_what_this_proxy_never_saw() -> None:
     hub = Hub(history_size=10, outbox_limit=10)
     with hub.subscribe(SUPER, Filters(), after=Cursor("L", 4)) as sub:
         hub.publish("L", [ev(9)])
+        assert sub.catchup == (Cursor("L", 4), 8)
+        assert ids(sub.outbox) == ["L:9"]
+
+
+def test_resume_before_first_publish_from_another_log_is_a_gap() -> None:
+    hub = Hub(history_size=10, outbox_limit=10)
+    with hub.subscribe(SUPER, Filters(), after=Cursor("OLD", 4)) as sub:
+        hub.publish("L", [ev(1)])
+        assert sub.catchup is None
         assert event_names(sub.outbox) == ["stream_gap", "kernel_started"]
 
 

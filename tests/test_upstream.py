@@ -14,7 +14,7 @@ from proxy._pb.kernel_events.v1 import events_pb2_grpc as pb_grpc
 from proxy.config import UpstreamSettings
 from proxy.hub import Hub
 from proxy.policy import Filters, Principal, Role
-from proxy.upstream import Gap, Sequencer, UpstreamBridge
+from proxy.upstream import Fetched, Gap, Sequencer, UpstreamBridge, _fetched
 from proxy.upstream_server import EventLog, UpstreamServer
 
 from .helpers import USER1, lifecycle, wait_until
@@ -273,3 +273,52 @@ async def test_bridge_gives_up_on_a_peer_that_never_answers() -> None:
             await wait_until(lambda: bridge.connects >= 3)
             assert not bridge.live
             nursery.cancel_scope.cancel()
+
+
+def test_sequencer_live_start_at_head_then_gap_is_reported() -> None:
+    seq = Sequencer()
+    seq.attach("L", 10)
+    seq.attach("L", 99)  # only the first attachment sets the position
+    assert seq.accept("L", [11]) == (0, None)
+    assert seq.accept("L", [15]) == (0, Gap("upstream-gap", "L:11", "L:15"))
+
+
+def _response(log_id: str, seqs: list[int], head: int) -> pb.SubscribeResponse:
+    return pb.SubscribeResponse(
+        log_id=log_id,
+        head_sequence=head,
+        events=[lifecycle("kernel_started", f"s{n}", USER1, sequence=n) for n in seqs],
+    )
+
+
+LOST = Gap("upstream-unavailable", "L:4", "L:10")
+
+
+def test_fetched_keeps_only_the_requested_range() -> None:
+    got = _fetched(
+        "L", 4, 9, [_response("L", [], 20), _response("L", [3, 4, 5, 6, 7, 8, 9, 10], 20)], LOST
+    )
+    assert [e.sequence for e in got.events] == [5, 6, 7, 8, 9]
+    assert (got.reached, got.gap) == (9, None)
+
+
+def test_fetched_names_what_the_upstream_no_longer_has() -> None:
+    got = _fetched("L", 4, 9, [_response("L", [], 20), _response("L", [7, 8, 9], 20)], LOST)
+    assert got.gap == Gap("history-exhausted", "L:4", "L:7")
+    assert [e.sequence for e in got.events] == [7, 8, 9]
+
+
+def test_fetched_from_a_restarted_upstream_is_a_gap() -> None:
+    got = _fetched("L", 4, 9, [_response("M", [1, 2], 2)], LOST)
+    assert got.events == []
+    assert got.gap == Gap("upstream-restarted", "L:4", "L:10")
+    assert got.reached == 9
+
+
+def test_fetched_nothing_at_all_is_a_gap() -> None:
+    assert _fetched("L", 4, 9, [], LOST) == Fetched([], 9, LOST)
+
+
+def test_fetched_partial_chunk_advances_the_cursor() -> None:
+    got = _fetched("L", 4, 9, [_response("L", [], 20), _response("L", [5, 6], 20)], LOST)
+    assert (got.reached, got.gap) == (6, None)
