@@ -32,7 +32,13 @@ sdk-env: $(SDK_STAMP)
 run: install
 	$(VENV)/bin/kernel-events-proxy serve --demo
 
-test: install sdk-env
+# System packages the tests need: nginx (tests/e2e/test_scale_out.py runs
+# deploy/nginx.conf in front of real replicas). apt-get runs only when it is missing.
+.PHONY: system-deps
+system-deps:
+	command -v nginx >/dev/null || (apt-get update && apt-get install -y --no-install-recommends nginx)
+
+test: system-deps install sdk-env
 	KEP_SDK_PYTHON=$(abspath $(SDK_VENV))/bin/python $(VENV)/bin/pytest
 
 # Regenerate the protobuf/gRPC modules. grpcio-tools emits absolute imports

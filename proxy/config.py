@@ -51,6 +51,9 @@ class ServerSettings(_Section):
     outbox_limit: Annotated[int, Field(ge=1, le=1_000_000)] = 4096
     # Recent events kept for Last-Event-ID resume.
     history_size: Annotated[int, Field(ge=0, le=10_000_000)] = 10_000
+    # Data sent to a client and not acknowledged for this long means it stopped
+    # reading or is gone: the kernel aborts the connection (TCP_USER_TIMEOUT).
+    write_timeout: Seconds = 30.0
     # How long clients get to read their final events at shutdown.
     graceful_timeout: Seconds = 5.0
 

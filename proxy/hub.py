@@ -238,7 +238,6 @@ class Hub:
         if events and self._pending:
             self._settle_pending(log_id, events[0])
         buckets = self._buckets
-        slow: list[Subscription] = []
         for event in events:
             frame = encode(log_id, event)
             if self._history_size:
@@ -255,13 +254,11 @@ class Hub:
                             continue
                         sub.skip_log = None
                     if not sub.outbox.put(frame):
-                        slow.append(sub)
+                        self._drop_slow(sub)
         if events:
             self.log_id = log_id
             self.last_sequence = events[-1].sequence
             self.published += len(events)
-        for sub in slow:
-            self._drop_slow(sub)
 
     def publish_gap(self, reason: str, after: str | None, before: str | None) -> None:
         """Tell every client that events between two positions may be missing."""
@@ -269,11 +266,10 @@ class Hub:
         log.warning("stream gap (%s): after %s, before %s", reason, after, before)
         if self._history_size:
             self._history.append(_Entry(self.log_id or "", self.last_sequence, None, frame))
-        slow = [
-            sub for bucket in self._buckets.values() for sub in bucket if not sub.outbox.put(frame)
-        ]
-        for sub in slow:
-            self._drop_slow(sub)
+        for bucket in self._buckets.values():
+            for sub in bucket:
+                if not sub.outbox.put(frame):
+                    self._drop_slow(sub)
 
     def _drop_slow(self, sub: Subscription) -> None:
         # Its queued frames stay: it gets everything up to the overflow, then the reason,

@@ -8,11 +8,13 @@ cancel the upstream subscription (which reaches ``call.cancel()``).
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass
 from functools import partial
 
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
 from hypercorn.trio import serve
 
 from .app import Readiness, create_app
@@ -34,8 +36,32 @@ class RunningProxy:
         self._stop.set()
 
 
+class _Config(HypercornConfig):
+    """Hypercorn's config, with a kernel-enforced write timeout on every connection.
+
+    Hypercorn writes with cancellation shielded, so a client that stops reading (or a
+    half-open connection whose peer vanished) would block its write, and the
+    connection, forever; nothing in Trio can interrupt it. ``TCP_USER_TIMEOUT`` on
+    the listening socket (inherited by accepted ones) makes the kernel abort a
+    connection whose sent data stays unacknowledged, zero-window probes included,
+    for that long; the blocked write then fails and the connection closes.
+    """
+
+    write_timeout = 30.0
+
+    def create_sockets(self) -> Sockets:
+        sockets = super().create_sockets()
+        for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(
+                    socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.write_timeout * 1000)
+                )
+        return sockets
+
+
 def hypercorn_config(settings: Settings) -> HypercornConfig:
-    config = HypercornConfig()
+    config = _Config()
+    config.write_timeout = settings.server.write_timeout
     config.bind = [settings.server.bind]
     config.graceful_timeout = settings.server.graceful_timeout
     config.accesslog = None

@@ -269,7 +269,11 @@ class UpstreamBridge:
 
     async def _consume(self, pump: _Pump) -> None:
         while True:
-            self._apply_all(await pump.take())
+            for response in await pump.take():
+                self._apply(response)
+                # Let client writers drain between upstream batches, so a burst that
+                # piled up in the pump is not mistaken for a client being slow.
+                await trio.lowlevel.checkpoint()
 
     def _apply_all(self, responses: list[pb.SubscribeResponse]) -> None:
         for response in responses:
