@@ -172,7 +172,11 @@ def create_app(
                 exc.status, "forbidden" if exc.status == 403 else "bad-parameter", exc.message
             ) from None
         cursor = resume_cursor(params)
-        body = _stream(hub, principal, filters, cursor, heartbeat_interval, fetch)
+        # Clients that declare they speak text/event-stream (EventSource always does) get
+        # id-only position blocks; the official SDK sends `*/*` and would turn such a
+        # block into an empty "message" event.
+        positions = "text/event-stream" in request.headers.get("Accept", "")
+        body = _stream(hub, principal, filters, cursor, heartbeat_interval, fetch, positions)
         response = Response(body, content_type="text/event-stream; charset=utf-8")
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"
@@ -197,10 +201,14 @@ async def _stream(
     cursor: Cursor | None,
     heartbeat_interval: float,
     fetch: Fetch,
+    positions: bool,
 ) -> AsyncIterator[bytes]:
     started = time.monotonic()
     sent = 0
     with hub.subscribe(principal, filters, cursor) as sub:
+        # Taken with the subscription, atomically: everything up to here is not this
+        # client's to receive, so a reconnect from here loses nothing.
+        start = hub.position() if positions and cursor is None else None
         log.info(
             "stream open: %s (%s) filters=%s resume=%s",
             principal.access_key,
@@ -209,7 +217,9 @@ async def _stream(
             cursor,
         )
         try:
-            async for chunk in _frames(sub, heartbeat_interval, fetch):
+            if start is not None:
+                yield sse.encode_position(start)
+            async for chunk in _frames(hub, sub, heartbeat_interval, fetch, positions):
                 sent += 1
                 yield chunk
         finally:
@@ -223,7 +233,7 @@ async def _stream(
 
 
 async def _frames(
-    sub: Subscription, heartbeat_interval: float, fetch: Fetch
+    hub: Hub, sub: Subscription, heartbeat_interval: float, fetch: Fetch, positions: bool
 ) -> AsyncIterator[bytes]:
     outbox = sub.outbox
     while True:
@@ -233,7 +243,10 @@ async def _frames(
             with trio.move_on_after(heartbeat_interval):
                 frames = await outbox.take()
             if frames is None:
-                yield _PING
+                # The heartbeat also carries the position when nothing is pending for
+                # this client, so a narrow filter does not leave its cursor far behind.
+                position = hub.position() if positions and hub.settled(sub) else None
+                yield sse.encode_position(position, "ping") if position else _PING
                 continue
         # A catch-up (set at subscribe time, or by the first publish after it) comes
         # before anything queued: those events are older.

@@ -100,6 +100,7 @@ class SSEParser:
         # Starts from the id the connection resumed from, so that an id-less first
         # event (a gap notice) does not make the client forget where it was.
         self.last_event_id = last_event_id
+        self.committed_id = last_event_id
         self.retry: int | None = None  # milliseconds, as the server last asked
 
     def feed(self, chunk: bytes) -> list[SSEMessage]:
@@ -160,6 +161,10 @@ class SSEParser:
     def _dispatch(self) -> SSEMessage | None:
         data, event, block_id = self._data, self._event, self._block_id
         self._data, self._event, self._block_id, self._size = [], "", None, 0
+        # Every completed block commits its id, events or not: the server announces the
+        # stream position in id-only blocks, so a client that has received no event yet
+        # still resumes from where it was.
+        self.committed_id = self.last_event_id
         if not data:
             # A block of only comments, `id:` or `event:` lines is not an event (a
             # heartbeat after an id'd event must not turn into a phantom event).
@@ -474,6 +479,7 @@ async def stream_events(
                                     yield event
                             if stop:
                                 break
+                            cursor = parser.committed_id or cursor
             except (httpx.TransportError, SSEProtocolError) as exc:
                 why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 if not reconnect:

@@ -233,6 +233,11 @@ class Hub:
 
     # -- publishing --------------------------------------------------------------
 
+    def attach(self, log_id: str, head: int) -> None:
+        """The upstream's position when this proxy first attached, before any event."""
+        if self.log_id is None:
+            self.log_id, self.last_sequence = log_id, head
+
     def publish(self, log_id: str, events: Sequence[Event]) -> None:
         """Deliver consecutive events of one upstream log to every matching client."""
         if events and self._pending:
@@ -270,6 +275,19 @@ class Hub:
             for sub in bucket:
                 if not sub.outbox.put(frame):
                     self._drop_slow(sub)
+
+    def position(self) -> str | None:
+        """The id of the newest event published, if any."""
+        return format_id(self.log_id, self.last_sequence) if self.log_id else None
+
+    def settled(self, sub: Subscription) -> bool:
+        """Has this subscriber been handed everything published so far?"""
+        return (
+            sub.catchup is None
+            and sub.resume is None
+            and sub.skip_log is None
+            and not len(sub.outbox)
+        )
 
     def _drop_slow(self, sub: Subscription) -> None:
         # Its queued frames stay: it gets everything up to the overflow, then the reason,

@@ -38,3 +38,12 @@ def encode_comment(text: str = "") -> bytes:
     """A comment line (ignored by clients; used as a heartbeat)."""
     _check_field("comment", text)
     return f": {text}\n\n".encode() if text else b":\n\n"
+
+
+def encode_position(event_id: str, comment: str = "") -> bytes:
+    """An id-only block: moves a client's last event id without dispatching an event."""
+    _check_field("id", event_id)
+    _check_field("comment", comment)
+    return (
+        f"id: {event_id}\n: {comment}\n\n".encode() if comment else f"id: {event_id}\n\n".encode()
+    )

@@ -287,6 +287,7 @@ class UpstreamBridge:
         log_id = _safe_log_id(response.log_id)
         messages = response.events
         self.sequencer.attach(log_id, response.head_sequence)
+        self._hub.attach(log_id, self.sequencer.last)
         skip, gap = self.sequencer.accept(log_id, [m.sequence for m in messages])
         if gap is not None:
             self._hub.publish_gap(gap.reason, gap.after, gap.before)

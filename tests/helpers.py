@@ -120,6 +120,11 @@ class Frame:
     def is_comment(self) -> bool:
         return all(k == "" for k, _ in self.fields)
 
+    @property
+    def is_event(self) -> bool:
+        """Would a client dispatch it (it has data)?"""
+        return any(k == "data" for k, _ in self.fields)
+
 
 def parse_block(block: bytes) -> Frame:
     frame = Frame(raw=block + b"\n\n")

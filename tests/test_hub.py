@@ -243,3 +243,18 @@ def test_publish_cost_follows_matching_clients(monkeypatch: pytest.MonkeyPatch) 
         target = random.Random(1).randrange(2000)
         hub.publish("L", [ev(1, user=f"user{target}", owner=f"AK{target}")])
     assert visited == 1
+
+
+def test_attach_gives_a_position_before_any_event_and_resume_catches_up() -> None:
+    hub = Hub(history_size=10, outbox_limit=10)
+    assert hub.position() is None
+    hub.attach("L", 7)
+    hub.attach("M", 99)  # only the first attachment counts
+    assert hub.position() == "L:7"
+    with hub.subscribe(SUPER, Filters(), after=Cursor("L", 3)) as sub:
+        assert sub.catchup == (Cursor("L", 3), 7)
+    with hub.subscribe(SUPER, Filters()) as fresh:
+        assert hub.settled(fresh)
+        hub.publish("L", [ev(8)])
+        assert not hub.settled(fresh)
+        assert hub.position() == "L:8"

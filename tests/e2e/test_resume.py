@@ -117,3 +117,35 @@ async def test_proxy_restart_resumes_clients_with_nothing_lost(
         second_run.cancel_scope.cancel()
     assert [f.event for f in received] == ["kernel_started"] * 25
     assert seqs(received) == list(range(1, 26))
+
+
+async def test_event_stream_clients_learn_their_position_without_any_event(
+    upstream: UpstreamServer, nursery: trio.Nursery
+) -> None:
+    async with started_proxy(nursery, upstream.target, heartbeat_interval=0.3) as proxy:
+        log_id = upstream.log.log_id
+        append(upstream, 0, 3)  # s0 is USER2's, s1 and s2 are USER1's
+        await wait_until(lambda: proxy.running.hub.published == 3)
+        accept = {"Accept": "text/event-stream"}
+        async with proxy.stream(USER2, headers=accept) as reader:
+            # First block: where this client stands, as an id-only block (no event).
+            assert (await reader.next()).raw == f"id: {log_id}:3\n\n".encode()
+            append(upstream, 3, 2)  # s3 (USER2's), s4 (USER1's)
+            (mine,) = await reader.take(1)
+            assert mine.data["sessionId"] == "s3"
+            # A quiet heartbeat moves the position past events that were not its own.
+            assert (await reader.next(skip_comments=False)).raw == (
+                f"id: {log_id}:5\n: ping\n\n".encode()
+            )
+        # Away for a while: its events are kept for it.
+        append(upstream, 5, 4)  # s5 s6 s7 s8: USER2 owns s6
+        await wait_until(lambda: proxy.running.hub.published == 9)
+        async with proxy.stream(USER2, headers=accept | {"Last-Event-ID": f"{log_id}:5"}) as reader:
+            (missed,) = await reader.take(1)
+            assert missed.data["sessionId"] == "s6"
+
+
+async def test_sdk_style_clients_get_no_position_blocks(proxy: ProxyUnderTest) -> None:
+    async with proxy.stream(SUPER, headers={"Accept": "*/*"}) as reader:
+        await wait_until(lambda: proxy.running.hub.clients == 1)
+        assert await reader.nothing_within(0.2) == []
