@@ -170,6 +170,9 @@ class UpstreamBridge:
             options=[
                 ("grpc.keepalive_time_ms", int(s.keepalive_time * 1000)),
                 ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout * 1000)),
+                # Recent grpc-core times unanswered pings with this (default one minute),
+                # not with the keepalive timeout alone.
+                ("grpc.http2.ping_timeout_ms", int(s.keepalive_timeout * 1000)),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
