@@ -64,6 +64,9 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     config.write_timeout = settings.server.write_timeout
     config.bind = [settings.server.bind]
     config.graceful_timeout = settings.server.graceful_timeout
+    # Reconnect storms (a replica died, its clients arrive at once) overflow a short
+    # accept queue into connection resets.
+    config.backlog = 4096
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.include_server_header = False
