@@ -43,7 +43,7 @@ def rss_kib(pid: int) -> int:
 
 
 def raise_fd_limit() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
 
@@ -51,7 +51,11 @@ def raise_fd_limit() -> int:
 async def open_streams(port: int, n: int, holder: list[trio.SocketStream]) -> None:
     host = f"127.0.0.1:{port}"
     headers = sign_headers(
-        method="GET", raw_target=PATH, host=host, access_key=KEY, secret_key=SECRET,
+        method="GET",
+        raw_target=PATH,
+        host=host,
+        access_key=KEY,
+        secret_key=SECRET,
         date=datetime.now(UTC),
     )
     request = (
@@ -76,8 +80,29 @@ async def open_streams(port: int, n: int, holder: list[trio.SocketStream]) -> No
             nursery.start_soon(one)
 
 
-async def measure(counts: list[int]) -> None:
+async def measure(proxy_port: int, proxy_pid: int, counts: list[int]) -> None:
+    # Warm up: a few streams, so code paths and caches are loaded before the baseline.
+    warm: list[trio.SocketStream] = []
+    await open_streams(proxy_port, 10, warm)
+    await trio.sleep(0.5)
+    base = rss_kib(proxy_pid)
+    held: list[trio.SocketStream] = []
+    print(f"baseline RSS {base / 1024:.1f} MiB")
+    for target in counts:
+        await open_streams(proxy_port, target - len(held), held)
+        await trio.sleep(1.0)
+        now = rss_kib(proxy_pid)
+        per = (now - base) / len(held)
+        print(
+            f"{len(held):>6} idle streams: RSS {now / 1024:.1f} MiB, {per:.1f} KiB per connection"
+        )
+    for s in held + warm:
+        await s.aclose()
+
+
+def run(counts: list[int]) -> None:
     hard = raise_fd_limit()
+    print(f"file descriptor limit {hard}")
     with tempfile.TemporaryDirectory() as tmp:
         up_port, proxy_port = free_port(), free_port()
         config = Path(tmp) / "proxy.toml"
@@ -88,33 +113,19 @@ async def measure(counts: list[int]) -> None:
             'role = "superadmin"\nuser_id = "bench"\ndomain = "default"\n'
         )
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
         upstream = subprocess.Popen(
             [str(BIN), "upstream", "--listen", f"127.0.0.1:{up_port}", "--rate", "0.001"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+            **quiet,  # type: ignore[call-overload]
         )
+        # The proxy inherits this process's raised file-descriptor limit.
         proxy = subprocess.Popen(
-            ["prlimit", f"--nofile={hard}:{hard}", "--", str(BIN), "--log-level", "WARNING",
-             "serve", "--config", str(config)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+            [str(BIN), "--log-level", "WARNING", "serve", "--config", str(config)],
+            **quiet,  # type: ignore[call-overload]
         )
         try:
             time.sleep(2.0)
-            # Warm up: one stream, so code paths and caches are loaded before the baseline.
-            warm: list[trio.SocketStream] = []
-            await open_streams(proxy_port, 10, warm)
-            await trio.sleep(0.5)
-            base = rss_kib(proxy.pid)
-            held: list[trio.SocketStream] = []
-            print(f"baseline RSS {base / 1024:.1f} MiB (fd limit {hard})")
-            for target in counts:
-                await open_streams(proxy_port, target - len(held), held)
-                await trio.sleep(1.0)
-                now = rss_kib(proxy.pid)
-                per = (now - base) / len(held)
-                print(f"{len(held):>6} idle streams: RSS {now / 1024:.1f} MiB, "
-                      f"{per:.1f} KiB per connection")
-            for s in held + warm:
-                await s.aclose()
+            trio.run(measure, proxy_port, proxy.pid, counts)
         finally:
             for proc in (proxy, upstream):
                 proc.terminate()
@@ -128,7 +139,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[1000, 5000])
     args = parser.parse_args()
-    trio.run(measure, args.counts)
+    run(args.counts)
 
 
 if __name__ == "__main__":
