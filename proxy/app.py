@@ -20,11 +20,14 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from . import __version__, sse
+from .config import Settings
 from .eventid import Cursor, InvalidEventId, parse_id
 from .hub import Hub, Subscription, encode, gap_frame
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
 from .policy import Filters, PolicyError, Principal, resolve_filters, visible
 from .signing import AuthError, Keypair, verify
-from .upstream import Fetched
+from .upstream import Fetched, UpstreamBridge
 
 log = logging.getLogger(__name__)
 
@@ -66,26 +69,14 @@ def _json(body: Mapping[str, Any]) -> str:
     return json.dumps(body, separators=(",", ":"))
 
 
-class Readiness:
-    """What /readyz reports; the upstream bridge fills it in."""
-
-    def __init__(self, is_live: Callable[[], bool]) -> None:
-        self.is_live = is_live
-
-
-def create_app(
-    *,
-    hub: Hub,
-    keypairs: Mapping[str, Keypair],
-    readiness: Readiness,
-    fetch: Fetch,
-    heartbeat_interval: float = 15.0,
-    max_clock_skew: float = 900.0,
-) -> QuartTrio:
+def create_app(settings: Settings, hub: Hub, bridge: UpstreamBridge, metrics: Metrics) -> QuartTrio:
     app = QuartTrio(__name__)
     # Streams are long-lived by design; Quart's default would cut them after 60 s.
     app.config["RESPONSE_TIMEOUT"] = None
-    skew = timedelta(seconds=max_clock_skew)
+    keypairs: Mapping[str, Keypair] = settings.keypair_index()
+    skew = timedelta(seconds=settings.auth.max_clock_skew)
+    heartbeat_interval = settings.server.heartbeat_interval
+    fetch: Fetch = bridge.fetch
 
     def authenticate() -> Principal:
         headers: dict[str, str] = {}
@@ -104,6 +95,7 @@ def create_app(
                 max_skew=skew,
             )
         except AuthError as exc:
+            metrics.auth_failures[exc.reason] += 1
             log.info("auth failure (%s) from %s", exc.reason, request.remote_addr)
             raise RequestError(401, exc.reason, exc.message) from None
 
@@ -157,9 +149,15 @@ def create_app(
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        live = readiness.is_live()
+        live = bridge.live
         body = {"status": "ready" if live else "upstream-unavailable", "upstream": live}
         return Response(_json(body), status=200 if live else 503, content_type="application/json")
+
+    if settings.server.metrics_bind is None:
+
+        @app.get("/metrics")
+        async def metrics_endpoint() -> Response:
+            return Response(metrics.render(), content_type=METRICS_CONTENT_TYPE)
 
     @app.get(EVENTS_PATH)
     async def events() -> Response:
@@ -176,7 +174,9 @@ def create_app(
         # id-only position blocks; the official SDK sends `*/*` and would turn such a
         # block into an empty "message" event.
         positions = "text/event-stream" in request.headers.get("Accept", "")
-        body = _stream(hub, principal, filters, cursor, heartbeat_interval, fetch, positions)
+        body = _stream(
+            hub, principal, filters, cursor, heartbeat_interval, fetch, positions, metrics
+        )
         response = Response(body, content_type="text/event-stream; charset=utf-8")
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"
@@ -202,6 +202,7 @@ async def _stream(
     heartbeat_interval: float,
     fetch: Fetch,
     positions: bool,
+    metrics: Metrics,
 ) -> AsyncIterator[bytes]:
     started = time.monotonic()
     sent = 0
@@ -219,7 +220,7 @@ async def _stream(
         try:
             if start is not None:
                 yield sse.encode_position(start)
-            async for chunk in _frames(hub, sub, heartbeat_interval, fetch, positions):
+            async for chunk in _frames(hub, sub, heartbeat_interval, fetch, positions, metrics):
                 sent += 1
                 yield chunk
         finally:
@@ -233,7 +234,12 @@ async def _stream(
 
 
 async def _frames(
-    hub: Hub, sub: Subscription, heartbeat_interval: float, fetch: Fetch, positions: bool
+    hub: Hub,
+    sub: Subscription,
+    heartbeat_interval: float,
+    fetch: Fetch,
+    positions: bool,
+    metrics: Metrics,
 ) -> AsyncIterator[bytes]:
     outbox = sub.outbox
     while True:
@@ -255,6 +261,7 @@ async def _frames(
             if chunk:
                 yield chunk
         if frames:
+            metrics.delivery_latency.observe(time.monotonic() - outbox.since)
             # Coalesce: everything queued goes out in one write.
             yield frames[0] if len(frames) == 1 else b"".join(frames)
         if outbox.closed and not len(outbox):

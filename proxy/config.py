@@ -54,6 +54,8 @@ class ServerSettings(_Section):
     # Data sent to a client and not acknowledged for this long means it stopped
     # reading or is gone: the kernel aborts the connection (TCP_USER_TIMEOUT).
     write_timeout: Seconds = 30.0
+    # Serve /metrics on this separate HOST:PORT only (None: on the main bind).
+    metrics_bind: HostPort | None = None
     # How long clients get to read their final events at shutdown.
     graceful_timeout: Seconds = 5.0
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import deque
+import time
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ class _Entry:
 class Outbox:
     """A client's bounded queue of encoded frames; the writer takes all at once."""
 
-    __slots__ = ("_frames", "_limit", "_lot", "closed", "reason")
+    __slots__ = ("_frames", "_limit", "_lot", "closed", "reason", "since")
 
     def __init__(self, limit: int) -> None:
         self._frames: list[bytes] = []
@@ -50,6 +51,7 @@ class Outbox:
         self._lot = trio.lowlevel.ParkingLot()
         self.closed = False
         self.reason = ""
+        self.since = 0.0  # when the oldest queued frame arrived (time.monotonic)
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -58,15 +60,20 @@ class Outbox:
         """Queue a frame; False if the outbox is full (the client is too slow)."""
         if self.closed:
             return True
-        if len(self._frames) >= self._limit:
+        frames = self._frames
+        if len(frames) >= self._limit:
             return False
-        self._frames.append(frame)
+        if not frames:
+            self.since = time.monotonic()
+        frames.append(frame)
         if self._lot:
             self._lot.unpark_all()
         return True
 
     def preload(self, frames: Sequence[bytes]) -> None:
         """Queue a replay backlog; bounded by the hub's history, not by the limit."""
+        if frames and not self._frames:
+            self.since = time.monotonic()
         self._frames.extend(frames)
 
     def close(self, reason: str, final: bytes | None = None) -> None:
@@ -137,9 +144,14 @@ class Hub:
         self.log_id: str | None = None
         self.last_sequence = 0
         self._pending: list[Subscription] = []
-        self.clients = 0
-        self.published = 0
         self.closing = False
+        # Plain counters, read by the metrics collector at scrape time.
+        self.clients = 0
+        self.clients_by_role: Counter[str] = Counter()
+        self.published = 0
+        self.delivered = 0  # frames queued for clients
+        self.refused = 0  # frames refused because a client's outbox was full
+        self.dropped_clients = 0  # clients disconnected for being too slow
 
     # -- subscribers -------------------------------------------------------------
 
@@ -155,10 +167,12 @@ class Hub:
             sub.outbox.close("shutdown", _server_close_frame())
         self._buckets.setdefault(sub.key, set()).add(sub)
         self.clients += 1
+        self.clients_by_role[principal.role.value] += 1
         try:
             yield sub
         finally:
             self.clients -= 1
+            self.clients_by_role[principal.role.value] -= 1
             bucket = self._buckets[sub.key]
             bucket.discard(sub)
             if not bucket:
@@ -243,6 +257,7 @@ class Hub:
         if events and self._pending:
             self._settle_pending(log_id, events[0])
         buckets = self._buckets
+        delivered = 0
         for event in events:
             frame = encode(log_id, event)
             if self._history_size:
@@ -258,8 +273,11 @@ class Hub:
                         if sub.skip_log == log_id and event.sequence <= sub.skip_until:
                             continue
                         sub.skip_log = None
-                    if not sub.outbox.put(frame):
+                    if sub.outbox.put(frame):
+                        delivered += 1
+                    else:
                         self._drop_slow(sub)
+        self.delivered += delivered
         if events:
             self.log_id = log_id
             self.last_sequence = events[-1].sequence
@@ -290,6 +308,8 @@ class Hub:
         )
 
     def _drop_slow(self, sub: Subscription) -> None:
+        self.refused += 1
+        self.dropped_clients += 1
         # Its queued frames stay: it gets everything up to the overflow, then the reason,
         # then a clean close; its reconnect resumes from the last id it received.
         data = json.dumps({"reason": "client-too-slow", "limit": self._outbox_limit})

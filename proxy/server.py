@@ -16,10 +16,12 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from hypercorn.trio import serve
+from prometheus_client import make_asgi_app
 
-from .app import Readiness, create_app
+from .app import create_app
 from .config import Settings
 from .hub import Hub
+from .metrics import Metrics
 from .upstream import UpstreamBridge
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,7 @@ class RunningProxy:
     hub: Hub
     bridge: UpstreamBridge
     _stop: trio.Event
+    metrics_url: str | None = None  # when metrics have a bind of their own
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -78,14 +81,8 @@ async def run_proxy(
 ) -> None:
     hub = Hub(history_size=settings.server.history_size, outbox_limit=settings.server.outbox_limit)
     bridge = UpstreamBridge(settings.upstream, hub)
-    app = create_app(
-        hub=hub,
-        keypairs=settings.keypair_index(),
-        readiness=Readiness(lambda: bridge.live),
-        fetch=bridge.fetch,
-        heartbeat_interval=settings.server.heartbeat_interval,
-        max_clock_skew=settings.auth.max_clock_skew,
-    )
+    metrics = Metrics(hub, bridge)
+    app = create_app(settings, hub, bridge, metrics)
     stop = trio.Event()
 
     async def shutdown_trigger() -> None:
@@ -106,4 +103,17 @@ async def run_proxy(
 
         nursery.start_soon(bridge.run)
         binds: list[str] = await nursery.start(partial(serve_then_stop))
-        task_status.started(RunningProxy(binds[0], hub, bridge, stop))
+        metrics_url = None
+        if settings.server.metrics_bind is not None:
+            metrics_config = hypercorn_config(settings)
+            metrics_config.bind = [settings.server.metrics_bind]
+            metrics_binds: list[str] = await nursery.start(
+                partial(
+                    serve,
+                    make_asgi_app(metrics.registry),
+                    metrics_config,
+                    shutdown_trigger=stop.wait,
+                )
+            )
+            metrics_url = f"{metrics_binds[0]}/metrics"
+        task_status.started(RunningProxy(binds[0], hub, bridge, stop, metrics_url))
