@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
+import os
 import secrets
 import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from . import __version__
-from .config import ConfigError, KeypairSettings, Settings, load_settings
+from .config import ConfigError, KeypairSettings, Settings, load_settings, masked
 from .feeders import run_replay, run_simulator
 from .server import RunningProxy, run_proxy
 from .simulator import DEFAULT_TENANTS
@@ -61,6 +64,16 @@ def _build_parser() -> argparse.ArgumentParser:
     upstream.add_argument("--history", type=int, default=100_000, help="events retained")
     upstream.set_defaults(func=_cmd_upstream)
 
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser(
+        "check",
+        help="validate a settings file (with KEP_* variables applied) and print the "
+        "effective settings, secrets masked",
+    )
+    check.add_argument("file", type=Path)
+    check.set_defaults(func=_cmd_config_check)
+
     try:
         from . import tail
     except ImportError:  # pragma: no cover - tail is optional while it is being built
@@ -98,28 +111,33 @@ def _is_loopback(host_port: str) -> bool:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config) if args.config else Settings()
-    overrides: dict[str, dict[str, str]] = {}
+    # Precedence: defaults < --config file < KEP_* environment < command-line flags.
+    flags: dict[str, Any] = {}
     if args.bind:
-        overrides.setdefault("server", {})["bind"] = args.bind
+        flags.setdefault("server", {})["bind"] = args.bind
     if args.upstream:
-        overrides.setdefault("upstream", {})["target"] = args.upstream
-    settings = _override(settings, overrides)
+        flags.setdefault("upstream", {})["target"] = args.upstream
     if not args.demo:
+        settings = load_settings(args.config, os.environ, flags)
         if not settings.keypairs:
             raise ConfigError("no [[keypairs]] configured: every request would be refused")
         trio.run(_serve_until_signal, settings, None)
         return 0
-    if not _is_loopback(settings.server.bind):
-        raise ConfigError(f"--demo binds to loopback only, not {settings.server.bind}")
     event_log = EventLog()
     upstream = UpstreamServer(event_log, "127.0.0.1:0")
+    demo_keys = _demo_keypairs()
+    flags.setdefault("upstream", {})["target"] = upstream.target
+    flags["keypairs"] = [
+        kp.model_dump() | {"secret_key": kp.secret_key.get_secret_value()} for kp in demo_keys
+    ]
+    settings = load_settings(args.config, os.environ, flags)
+    if not _is_loopback(settings.server.bind):
+        upstream.stop(0)
+        raise ConfigError(f"--demo binds to loopback only, not {settings.server.bind}")
     stop = threading.Event()
     feeder = threading.Thread(
         target=run_simulator, args=(event_log, args.demo_rate, stop), name="demo-feeder"
     )
-    demo_keys = _demo_keypairs()
-    settings = _override(settings, {"upstream": {"target": upstream.target}}, demo_keys)
     upstream.start()
     feeder.start()
     try:
@@ -131,24 +149,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _override(
-    settings: Settings,
-    sections: dict[str, dict[str, str]],
-    keypairs: Sequence[KeypairSettings] | None = None,
-) -> Settings:
-    data = settings.model_dump()
-    for section, values in sections.items():
-        data[section].update(values)
-    if keypairs is not None:
-        data["keypairs"] = [
-            kp.model_dump() | {"secret_key": kp.secret_key.get_secret_value()} for kp in keypairs
-        ]
-    else:
-        data["keypairs"] = [
-            kp.model_dump() | {"secret_key": kp.secret_key.get_secret_value()}
-            for kp in settings.keypairs
-        ]
-    return Settings.model_validate(data)
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    settings = load_settings(args.file, os.environ)
+    json.dump(masked(settings), sys.stdout, indent=2)
+    print()
+    print(f"{args.file}: OK ({len(settings.keypairs)} keypair(s))", file=sys.stderr)
+    return 0
 
 
 def _demo_keypairs() -> list[KeypairSettings]:

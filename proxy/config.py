@@ -7,8 +7,9 @@ key``), never silently ignored. Durations are in seconds.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     AfterValidator,
@@ -73,6 +74,8 @@ class UpstreamSettings(_Section):
 
 class AuthSettings(_Section):
     max_clock_skew: Seconds = 900.0
+    # More [[keypairs]] in a file of their own, re-read on SIGHUP or when it changes.
+    keypairs_file: Path | None = None
 
 
 class KeypairSettings(_Section):
@@ -106,30 +109,109 @@ class Settings(_Section):
         return {kp.access_key: kp.to_keypair() for kp in self.keypairs}
 
 
-def _describe(error: ValidationError) -> str:
+ENV_PREFIX: Final = "KEP_"
+_SECTIONS: Final[dict[str, type[BaseModel]]] = {
+    "server": ServerSettings,
+    "upstream": UpstreamSettings,
+    "auth": AuthSettings,
+}
+
+
+def env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Settings from ``KEP_<SECTION>__<KEY>`` variables, and which variable set each key.
+
+    A variable that looks like a setting but names no key is an error, as in the file:
+    ``KEP_SERVER__BND`` must not be silently ignored. Other ``KEP_`` names (no ``__``)
+    are not settings (``KEP_URL`` is the tail command's).
+    """
+    data: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for name, value in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        model = _SECTIONS.get(section)
+        if model is None or key not in model.model_fields:
+            raise ConfigError(f"{name}: unknown setting (expected KEP_<SECTION>__<KEY>)")
+        data.setdefault(section, {})[key] = value
+        origin[f"{section}.{key}"] = name
+    return data, origin
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(error: ValidationError, origin: Mapping[str, str] | None = None) -> str:
     lines = []
     for err in error.errors():
         key = ".".join(str(part) for part in err["loc"]) or "(top level)"
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"{key}: {msg}")
+        source = (origin or {}).get(key)
+        lines.append(f"{key} (from {source}): {msg}" if source else f"{key}: {msg}")
     return "; ".join(lines)
 
 
-def settings_from_mapping(data: dict[str, Any]) -> Settings:
+def settings_from_mapping(
+    data: dict[str, Any], origin: Mapping[str, str] | None = None
+) -> Settings:
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+        raise ConfigError(_describe(exc, origin)) from None
 
 
-def load_settings(path: Path) -> Settings:
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def load_settings(
+    path: Path | None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Effective settings. Precedence: defaults < file < environment < ``overrides``."""
+    data = _read_toml(path) if path is not None else {}
+    env, origin = env_overrides(environ or {})
+    merged = _merge(_merge(data, env), overrides or {})
+    keypairs_file = merged.get("auth", {}).get("keypairs_file")
+    if isinstance(keypairs_file, str) and keypairs_file:
+        extra = load_keypairs_file(Path(keypairs_file))
+        merged["keypairs"] = [*merged.get("keypairs", ()), *(_plain(kp) for kp in extra)]
     try:
-        return settings_from_mapping(data)
+        return settings_from_mapping(merged, origin)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
+
+
+def _plain(kp: KeypairSettings) -> dict[str, Any]:
+    return kp.model_dump() | {"secret_key": kp.secret_key.get_secret_value()}
+
+
+class _KeypairsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    keypairs: tuple[KeypairSettings, ...] = ()
+
+
+def load_keypairs_file(path: Path) -> tuple[KeypairSettings, ...]:
+    """A separate file of ``[[keypairs]]`` (it can be reloaded without a restart)."""
+    try:
+        return _KeypairsFile.model_validate(_read_toml(path)).keypairs
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_describe(exc)}") from None
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """The effective settings as plain data, every secret masked."""
+    return settings.model_dump(mode="json")

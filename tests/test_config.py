@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from proxy.config import ConfigError, Settings, load_settings, settings_from_mapping
+from proxy.config import ConfigError, Settings, load_settings, masked, settings_from_mapping
 from proxy.policy import Principal, Role
 from proxy.signing import Keypair
 
@@ -384,3 +384,65 @@ def test_repr_and_str_never_show_secrets(tmp_path: Path) -> None:
 def test_config_errors_never_show_secrets() -> None:
     message = error_of({"keypairs": [keypair(secret_key=SECRET_A, role="root", extra=1)]})
     assert SECRET_A not in message
+
+
+# -- environment overrides and precedence -------------------------------------------
+
+
+def test_environment_overrides_the_file_and_flags_override_both(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text('[server]\nbind = "127.0.0.1:1"\nheartbeat_interval = 3.0\n')
+    env = {"KEP_SERVER__BIND": "127.0.0.1:2", "KEP_UPSTREAM__TARGET": "10.0.0.1:9"}
+    settings = load_settings(path, env)
+    assert settings.server.bind == "127.0.0.1:2"
+    assert settings.server.heartbeat_interval == 3.0  # from the file
+    assert settings.upstream.target == "10.0.0.1:9"
+    flagged = load_settings(path, env, {"server": {"bind": "127.0.0.1:3"}})
+    assert flagged.server.bind == "127.0.0.1:3"
+
+
+def test_unknown_environment_setting_is_an_error_naming_the_variable() -> None:
+    with pytest.raises(ConfigError, match="KEP_SERVER__BND: unknown setting"):
+        load_settings(None, {"KEP_SERVER__BND": "x"})
+    with pytest.raises(ConfigError, match="KEP_NOPE__BIND: unknown setting"):
+        load_settings(None, {"KEP_NOPE__BIND": "x"})
+
+
+def test_other_kep_variables_are_not_settings() -> None:
+    assert load_settings(None, {"KEP_URL": "http://x", "KEP_SDK_PYTHON": "/p"}) == Settings()
+
+
+def test_invalid_environment_value_names_key_and_variable() -> None:
+    with pytest.raises(
+        ConfigError, match=r"server\.heartbeat_interval \(from KEP_SERVER__HEARTBEAT_INTERVAL\)"
+    ):
+        load_settings(None, {"KEP_SERVER__HEARTBEAT_INTERVAL": "soon"})
+
+
+def test_keypairs_file_adds_keypairs(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.toml"
+    keys.write_text(
+        '[[keypairs]]\naccess_key = "AKFILE"\nsecret_key = "file-secret-123"\n'
+        'role = "admin"\nuser_id = "f1"\n'
+    )
+    main = tmp_path / "p.toml"
+    main.write_text(
+        f'[auth]\nkeypairs_file = "{keys}"\n'
+        '[[keypairs]]\naccess_key = "AKINLINE"\nsecret_key = "inline-secret-1"\nuser_id = "i1"\n'
+    )
+    settings = load_settings(main, {})
+    assert [kp.access_key for kp in settings.keypairs] == ["AKINLINE", "AKFILE"]
+    keys.write_text('[[keypairs]]\naccess_key = "AKFILE"\nsecret_key = "short"\nuser_id = "f"\n')
+    with pytest.raises(ConfigError, match=r"keys\.toml: keypairs\.0\.secret_key"):
+        load_settings(main, {})
+
+
+def test_masked_settings_hide_every_secret() -> None:
+    settings = load_settings(
+        None,
+        {},
+        {"keypairs": [{"access_key": "AK", "secret_key": "super-secret-value", "user_id": "u"}]},
+    )
+    shown = masked(settings)
+    assert "super-secret-value" not in repr(shown)
+    assert shown["keypairs"][0]["secret_key"] == "**********"

@@ -152,3 +152,32 @@ def test_upstream_rejects_follow_without_replay() -> None:
     )
     assert result.returncode == 2
     assert "--follow needs --replay" in result.stderr
+
+
+def test_config_check_prints_effective_settings_with_secrets_masked(tmp_path: Path) -> None:
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        '[server]\nbind = "127.0.0.1:9000"\n'
+        '[[keypairs]]\naccess_key = "AK1"\nsecret_key = "do-not-print-me"\nuser_id = "u1"\n'
+    )
+    result = subprocess.run(
+        [str(BIN), "config", "check", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "KEP_UPSTREAM__TARGET": "127.0.0.1:7777"},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    effective = json.loads(result.stdout)
+    assert effective["server"]["bind"] == "127.0.0.1:9000"
+    assert effective["upstream"]["target"] == "127.0.0.1:7777"  # from the environment
+    assert effective["keypairs"][0]["secret_key"] == "**********"
+    assert "do-not-print-me" not in result.stdout + result.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[upstream]\ntarget = "nowhere"\n')
+    result = subprocess.run(
+        [str(BIN), "config", "check", str(bad)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert "upstream.target" in result.stderr
