@@ -69,11 +69,18 @@ def _json(body: Mapping[str, Any]) -> str:
     return json.dumps(body, separators=(",", ":"))
 
 
-def create_app(settings: Settings, hub: Hub, bridge: UpstreamBridge, metrics: Metrics) -> QuartTrio:
+def create_app(
+    settings: Settings,
+    hub: Hub,
+    bridge: UpstreamBridge,
+    metrics: Metrics,
+    keys: Mapping[str, Keypair] | None = None,
+) -> QuartTrio:
     app = QuartTrio(__name__)
     # Streams are long-lived by design; Quart's default would cut them after 60 s.
     app.config["RESPONSE_TIMEOUT"] = None
-    keypairs: Mapping[str, Keypair] = settings.keypair_index()
+    # The live key set (reloaded from the keypairs file), or the configured one.
+    keypairs: Mapping[str, Keypair] = keys if keys is not None else settings.keypair_index()
     skew = timedelta(seconds=settings.auth.max_clock_skew)
     heartbeat_interval = settings.server.heartbeat_interval
     fetch: Fetch = bridge.fetch

@@ -218,7 +218,7 @@ def _demo_banner(keys: Sequence[KeypairSettings]) -> Callable[[RunningProxy], st
 async def _serve_until_signal(
     settings: Settings, banner: Callable[[RunningProxy], str] | None
 ) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             proxy: RunningProxy = await nursery.start(run_proxy, settings)
             if banner is not None:
@@ -226,6 +226,10 @@ async def _serve_until_signal(
             else:
                 log.info("serving on %s (upstream %s)", proxy.url, settings.upstream.target)
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.info("received SIGHUP: reloading keypairs")
+                    proxy.reload_keys()
+                    continue
                 log.info("received %s: shutting down", signal.Signals(signum).name)
                 proxy.shutdown()
                 break

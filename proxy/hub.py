@@ -316,6 +316,16 @@ class Hub:
         sub.outbox.close("overflow", sse.encode_event(OVERFLOW_EVENT, data))
         log.info("dropping slow client %s (outbox full)", sub.principal.access_key)
 
+    def revoke(self, access_keys: set[str]) -> int:
+        """Close the streams of credentials that were revoked or changed."""
+        closed = 0
+        for bucket in self._buckets.values():
+            for sub in bucket:
+                if sub.principal.access_key in access_keys and not sub.outbox.closed:
+                    sub.outbox.close("revoked", _server_close_frame("credentials-revoked"))
+                    closed += 1
+        return closed
+
     def close(self) -> None:
         """Shutdown: every client gets ``server_close`` after what it has queued."""
         self.closing = True
@@ -324,5 +334,5 @@ class Hub:
                 sub.outbox.close("shutdown", _server_close_frame())
 
 
-def _server_close_frame() -> bytes:
-    return sse.encode_event(SERVER_CLOSE_EVENT, json.dumps({"reason": "server-shutdown"}))
+def _server_close_frame(reason: str = "server-shutdown") -> bytes:
+    return sse.encode_event(SERVER_CLOSE_EVENT, json.dumps({"reason": reason}))

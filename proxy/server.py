@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -19,8 +21,9 @@ from hypercorn.trio import serve
 from prometheus_client import make_asgi_app
 
 from .app import create_app
-from .config import Settings
+from .config import ConfigError, Settings, load_keypairs_file
 from .hub import Hub
+from .keys import KeyStore
 from .metrics import Metrics
 from .upstream import UpstreamBridge
 
@@ -33,6 +36,8 @@ class RunningProxy:
     hub: Hub
     bridge: UpstreamBridge
     _stop: trio.Event
+    reload_keys: Callable[[], None]  # re-read the keypairs file now (SIGHUP)
+    keys: KeyStore
     metrics_url: str | None = None  # when metrics have a bind of their own
 
     def shutdown(self) -> None:
@@ -82,8 +87,10 @@ async def run_proxy(
     hub = Hub(history_size=settings.server.history_size, outbox_limit=settings.server.outbox_limit)
     bridge = UpstreamBridge(settings.upstream, hub)
     metrics = Metrics(hub, bridge)
-    app = create_app(settings, hub, bridge, metrics)
+    keys = KeyStore(settings.keypair_index())
+    app = create_app(settings, hub, bridge, metrics, keys)
     stop = trio.Event()
+    reload_requests = trio.Event()
 
     async def shutdown_trigger() -> None:
         await stop.wait()
@@ -102,6 +109,8 @@ async def run_proxy(
             nursery.cancel_scope.cancel()
 
         nursery.start_soon(bridge.run)
+        if settings.auth.keypairs_file is not None:
+            nursery.start_soon(_watch_keypairs, settings, keys, hub, lambda: reload_requests)
         binds: list[str] = await nursery.start(partial(serve_then_stop))
         metrics_url = None
         if settings.server.metrics_bind is not None:
@@ -116,4 +125,61 @@ async def run_proxy(
                 )
             )
             metrics_url = f"{metrics_binds[0]}/metrics"
-        task_status.started(RunningProxy(binds[0], hub, bridge, stop, metrics_url))
+
+        def request_reload() -> None:
+            nonlocal reload_requests
+            reload_requests.set()
+            reload_requests = trio.Event()
+
+        task_status.started(
+            RunningProxy(binds[0], hub, bridge, stop, request_reload, keys, metrics_url)
+        )
+
+
+KEYPAIRS_POLL = 1.0
+
+
+async def _watch_keypairs(
+    settings: Settings, keys: KeyStore, hub: Hub, reload_requested: Callable[[], trio.Event]
+) -> None:
+    """Re-read the keypairs file on request (SIGHUP) or when it changes on disk."""
+    path = settings.auth.keypairs_file
+    assert path is not None
+    inline = {kp.access_key for kp in settings.keypairs} - {
+        kp.access_key for kp in load_keypairs_file(path)
+    }
+    last = _mtime(path)
+    while True:
+        with trio.move_on_after(KEYPAIRS_POLL):
+            await reload_requested().wait()
+        current = _mtime(path)
+        if current == last and not reload_requested().is_set():
+            continue
+        last = current
+        try:
+            extra = load_keypairs_file(path)
+        except ConfigError as exc:
+            log.error("keypairs not reloaded, keeping the current ones: %s", exc)
+            continue
+        fresh = {k: v for k, v in settings.keypair_index().items() if k in inline}
+        clashes = sorted(fresh.keys() & {kp.access_key for kp in extra})
+        if clashes:
+            log.error("keypairs not reloaded: %s also configured inline", ", ".join(clashes))
+            continue
+        fresh.update((kp.access_key, kp.to_keypair()) for kp in extra)
+        revoked = keys.replace(fresh)
+        closed = hub.revoke(revoked)
+        log.info(
+            "keypairs reloaded from %s: %d key(s), %d revoked or changed, %d stream(s) closed",
+            path,
+            len(fresh),
+            len(revoked),
+            closed,
+        )
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime_ns / 1e9
+    except OSError:
+        return None
