@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import httpx
-import trio
+import anyio
 
 from .signing import sign_headers
 
@@ -500,4 +500,4 @@ async def stream_events(
                 log.info("the server is shutting down; reconnecting in %.1f s", delay)
             else:
                 log.warning("%s; reconnecting in %.1f s", why, delay)
-            await trio.sleep(delay)
+            await anyio.sleep(delay)

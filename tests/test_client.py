@@ -627,3 +627,18 @@ def test_tail_run_maps_ctrl_c_to_130(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tail, "follow", interrupted)
     monkeypatch.setattr(tail, "_quiet_client_logging", lambda: None)
     assert tail.run(tail_args()) == 130
+
+
+def test_the_client_also_runs_under_asyncio() -> None:
+    import asyncio
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        body = kernel(1) + kernel(2) + b'event: server_close\ndata: {"reason": "x"}\n\n'
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+
+    async def main() -> list[str | None]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            events = stream_events(BASE, CREDS, http_client=client, reconnect=False)
+            return [event.id async for event in events]
+
+    assert asyncio.run(main()) == ["L:1", "L:2"]

@@ -1,0 +1,242 @@
+"""The OpenAPI 3.1 document of the HTTP API, served at ``/openapi.json``.
+
+Written by hand, next to the code it describes, and checked by the tests against the
+proxy's real responses (``tests/e2e/test_openapi.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import __version__
+
+_ERROR_REF = {"$ref": "#/components/schemas/Error"}
+_JSON_ERROR = {"application/json": {"schema": _ERROR_REF}}
+
+
+def _query(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": {"type": "string", "minLength": 1, "maxLength": 256}}  # fmt: skip
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": _JSON_ERROR}
+
+
+EVENT_DATA_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "The `data:` line of a lifecycle event.",
+    "required": ["sessionId", "ownerAccessKey", "reason"],
+    "properties": {
+        "sessionId": {"type": "string", "description": "The session's name."},
+        "ownerAccessKey": {"type": "string"},
+        "reason": {"type": ["string", "null"]},
+        "result": {"enum": ["UNDEFINED", "SUCCESS", "FAILURE"]},
+        "kernelId": {"type": "string"},
+        "exitCode": {"type": "integer"},
+    },
+    "additionalProperties": False,
+}
+
+DOCUMENT: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "kernel-events-proxy",
+        "version": __version__,
+        "description": (
+            "Kernel lifecycle events from the cluster manager's gRPC stream, as "
+            "authenticated, filtered Server-Sent Events (Backend.AI API v4.20190615)."
+        ),
+    },
+    "paths": {
+        "/": {
+            "get": {
+                "summary": "API version document (clients negotiate from it)",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "The version document (JSON unless the client "
+                        "prefers text/html, which gets the dashboard page).",
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/Version"}
+                            },
+                            "text/html": {"schema": {"type": "string"}},
+                        },
+                    }
+                },
+            }
+        },
+        "/healthz": {
+            "get": {
+                "summary": "The process is alive",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "Alive",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["status"],
+                                    "properties": {"status": {"const": "ok"}},
+                                }
+                            }
+                        },
+                    }
+                },
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "The upstream stream is live",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "Ready",
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/Readiness"}
+                            }
+                        },
+                    },
+                    "503": {
+                        "description": "The upstream stream is not live",
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/Readiness"}
+                            }
+                        },
+                    },
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (absent here when `server.metrics_bind` is set)",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text format 0.0.4",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "OpenAPI 3.1",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
+            }
+        },
+        "/stream/kernel/_/events": {
+            "get": {
+                "summary": "Kernel lifecycle events as Server-Sent Events",
+                "description": (
+                    "Each event: `id: <log id>:<sequence>`, `event: <name>` (an open set, "
+                    "e.g. kernel_started), one `data:` line of JSON (EventData). Stream "
+                    "notices: `stream_gap` (StreamGap data, no id), `stream_overflow`, "
+                    "`server_close`. `: ping` comments keep the stream open. Clients "
+                    "sending `Accept: text/event-stream` also get id-only blocks that "
+                    "move their Last-Event-ID without an event."
+                ),
+                "parameters": [
+                    _query("sessionId", "A session name; `*` (default) for all visible."),
+                    _query("ownerAccessKey", "The session owner's key (admins only)."),
+                    _query("owner_access_key", "Alias of ownerAccessKey (the SDK's)."),
+                    _query("group", "A group (project) name; `*` (default) for all."),
+                    _query("groupName", "Alias of group."),
+                    _query("lastEventId", "Resume after this id (first connection)."),
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "required": False,
+                        "description": "Resume after this id (reconnections).",
+                        "schema": {
+                            "type": "string",
+                            "pattern": "^[0-9A-Za-z_-]{1,64}:[0-9]{1,20}$",
+                        },
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "An endless event stream",
+                        "content": {
+                            "text/event-stream": {
+                                "schema": {"type": "string"},
+                                "x-event-data": {"$ref": "#/components/schemas/EventData"},
+                                "x-gap-data": {"$ref": "#/components/schemas/StreamGap"},
+                            }
+                        },
+                    },
+                    "400": _error("Bad parameter, query or Last-Event-ID"),
+                    "401": _error("Not authenticated (the `error` field says why)"),
+                    "403": _error("A user naming another owner's key"),
+                },
+            }
+        },
+    },
+    "components": {
+        "securitySchemes": {
+            "backendaiSignature": {
+                "type": "apiKey",
+                "in": "header",
+                "name": "Authorization",
+                "description": (
+                    "`BackendAI signMethod=HMAC-SHA256, credential=<access key>:<hex "
+                    "signature>`, with `Date` (or `X-BackendAI-Date`) and "
+                    "`X-BackendAI-Version`, signed as the Backend.AI SDK does."
+                ),
+            },
+        },
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "required": ["status", "error", "title", "detail"],
+                "properties": {
+                    "status": {"type": "integer", "minimum": 400, "maximum": 599},
+                    "error": {"type": "string", "description": "A short, stable code."},
+                    "title": {"type": "string"},
+                    "detail": {"type": "string", "description": "What was wrong."},
+                },
+                "additionalProperties": False,
+            },
+            "Version": {
+                "type": "object",
+                "required": ["version"],
+                "properties": {
+                    "version": {"const": "v4.20190615"},
+                    "manager": {"type": "string"},
+                    "proxy": {"type": "string"},
+                },
+            },
+            "Readiness": {
+                "type": "object",
+                "required": ["status", "upstream"],
+                "properties": {
+                    "status": {"enum": ["ready", "upstream-unavailable"]},
+                    "upstream": {"type": "boolean"},
+                },
+                "additionalProperties": False,
+            },
+            "EventData": EVENT_DATA_SCHEMA,
+            "StreamGap": {
+                "type": "object",
+                "required": ["reason", "after", "before"],
+                "properties": {
+                    "reason": {"type": "string"},
+                    "after": {"type": ["string", "null"]},
+                    "before": {"type": ["string", "null"]},
+                },
+                "additionalProperties": False,
+            },
+        },
+    },
+    "security": [{"backendaiSignature": []}],
+}
