@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
-import httpx
 import anyio
+import httpx
 
 from .signing import sign_headers
 

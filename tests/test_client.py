@@ -641,4 +641,4 @@ def test_the_client_also_runs_under_asyncio() -> None:
             events = stream_events(BASE, CREDS, http_client=client, reconnect=False)
             return [event.id async for event in events]
 
-    assert asyncio.run(main()) == ["L:1", "L:2"]
+    assert asyncio.run(main()) == ["log1:1", "log1:2"]
