@@ -13,9 +13,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+import trio
 
 from proxy._pb.kernel_events.v1 import events_pb2 as pb
 from proxy._pb.kernel_events.v1 import events_pb2_grpc as pb_grpc
+from proxy.upstream_server import UpstreamServer
+
+from ..conftest import ProxyUnderTest
+from ..helpers import USER1, USER2, lifecycle, wait_until
 
 BIN = Path(sys.executable).parent / "kernel-events-proxy"
 
@@ -181,3 +186,52 @@ def test_config_check_prints_effective_settings_with_secrets_masked(tmp_path: Pa
     )
     assert result.returncode == 2
     assert "upstream.target" in result.stderr
+
+
+async def test_tail_against_a_running_proxy(
+    proxy: ProxyUnderTest, upstream: UpstreamServer
+) -> None:
+    env = {
+        **os.environ,
+        "BACKEND_ACCESS_KEY": USER1.access_key,
+        "BACKEND_SECRET_KEY": USER1.secret_key,
+    }
+    done: list[subprocess.CompletedProcess[bytes]] = []
+
+    async def tail() -> None:
+        cmd = [str(BIN), "tail", "--url", proxy.url, "--json", "--count", "2", "--group", "g2"]
+        done.append(await trio.run_process(cmd, env=env, capture_stdout=True, check=False))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tail)
+        await wait_until(lambda: proxy.running.hub.clients == 1, timeout=20)
+        upstream.log.append(
+            [
+                lifecycle("kernel_started", "a", USER1, group="g1"),
+                lifecycle("kernel_started", "b", USER1, group="g2"),
+                lifecycle("kernel_started", "c", USER2, group="g2"),
+                lifecycle("kernel_terminated", "b", USER1, group="g2"),
+            ]
+        )
+    (result,) = done
+    assert result.returncode == 0
+    lines = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert [(line["event"], line["data"]["sessionId"]) for line in lines] == [
+        ("kernel_started", "b"),
+        ("kernel_terminated", "b"),
+    ]
+
+
+async def test_tail_exits_2_with_a_clear_message_on_auth_failure(proxy: ProxyUnderTest) -> None:
+    env = {**os.environ, "BACKEND_ACCESS_KEY": USER1.access_key, "BACKEND_SECRET_KEY": "wrong-one"}
+    result = await trio.run_process(
+        [str(BIN), "tail", "--url", proxy.url],
+        env=env,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    message = result.stderr.decode()
+    assert "401" in message
+    assert "Traceback" not in message
