@@ -165,6 +165,18 @@ class SSEReader:
         return got
 
 
+async def wait_for_http(client: httpx.AsyncClient, url: str, timeout: float = 15.0) -> None:
+    """Wait until ``url`` answers 200 (a server process starting up)."""
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                if (await client.get(url)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await trio.sleep(0.05)
+
+
 async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     with trio.fail_after(timeout):
         while not predicate():

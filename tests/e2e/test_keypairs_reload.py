@@ -13,7 +13,7 @@ from proxy.server import RunningProxy, run_proxy
 from proxy.upstream_server import UpstreamServer
 
 from ..conftest import ProxyUnderTest, make_settings
-from ..helpers import SUPER, Key, lifecycle, signed_headers, wait_until
+from ..helpers import SUPER, Key, lifecycle, signed_headers, wait_for_http, wait_until
 from .test_cli import BIN, free_port
 from .test_shutdown_keepalive import config_file
 
@@ -105,13 +105,7 @@ async def test_sighup_reloads_keys_in_a_real_process(
     proc = await trio.lowlevel.open_process([str(BIN), "serve", "--config", str(config)])
     try:
         async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as client:
-            with trio.fail_after(15):
-                while True:
-                    try:
-                        await client.get(f"http://{bind}/")
-                        break
-                    except httpx.TransportError:
-                        await trio.sleep(0.05)
+            await wait_for_http(client, f"http://{bind}/")
             url = f"http://{bind}/stream/kernel/_/events"
             assert await stream_status(client, url, NEW_KEY) == 401
             write_keys(keys_file, NEW_KEY)

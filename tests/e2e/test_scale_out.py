@@ -44,6 +44,7 @@ from ..helpers import (
     USER1B,
     USER2,
     Key,
+    wait_for_http,
 )
 
 BIN: Final = Path(sys.executable).parent / "kernel-events-proxy"
@@ -323,17 +324,6 @@ async def wait_for_log(spawned: Spawned, pattern: str, timeout: float = 15.0) ->
             if spawned.process.returncode is not None:
                 raise AssertionError(f"{spawned.name} exited: {await read_log(spawned)}")
             await trio.sleep(0.02)
-
-
-async def wait_for_http(client: httpx.AsyncClient, url: str, timeout: float = 15.0) -> None:
-    with trio.fail_after(timeout):
-        while True:
-            try:
-                if (await client.get(url)).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await trio.sleep(0.05)
 
 
 async def stream_opens(replica: Spawned) -> list[tuple[str, str]]:

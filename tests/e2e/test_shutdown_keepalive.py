@@ -16,7 +16,15 @@ from proxy.hub import Hub
 from proxy.upstream import UpstreamBridge
 from proxy.upstream_server import UpstreamServer
 
-from ..helpers import ALL_KEYS, EVENTS_PATH, SUPER, USER1, signed_headers, wait_until
+from ..helpers import (
+    ALL_KEYS,
+    EVENTS_PATH,
+    SUPER,
+    USER1,
+    signed_headers,
+    wait_for_http,
+    wait_until,
+)
 from .test_cli import free_port
 
 BIN = Path(sys.executable).parent / "kernel-events-proxy"
@@ -55,14 +63,7 @@ async def test_sigterm_sends_server_close_to_every_client_and_exits_0(
     url = f"http://{bind}"
     try:
         async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as client:
-            with trio.fail_after(15):
-                while True:
-                    try:
-                        if (await client.get(f"{url}/readyz")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await trio.sleep(0.05)
+            await wait_for_http(client, f"{url}/readyz")
             endings: list[bytes] = []
 
             async def listen(key: object) -> None:
