@@ -21,15 +21,23 @@ from typing import Final
 
 import grpc
 import trio
+from google.protobuf import empty_pb2
+from google.protobuf.message import DecodeError
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from ._pb.kernel_events.v1 import events_pb2 as pb
-from ._pb.kernel_events.v1 import events_pb2_grpc as pb_grpc
 from .config import UpstreamSettings
 from .eventid import format_id, valid_log_id
 from .events import Event, MalformedEvent, from_proto
 from .hub import Hub
 
 log = logging.getLogger(__name__)
+
+SUBSCRIBE_METHOD: Final = "/kernel_events.v1.KernelEventsService/Subscribe"
+_LOG_ID_FIELD, _EVENTS_FIELD, _OLDEST_FIELD, _HEAD_FIELD = (
+    pb.SubscribeResponse.DESCRIPTOR.fields_by_name[name].number
+    for name in ("log_id", "events", "oldest_sequence", "head_sequence")
+)
 
 # Responses the thread may queue before it stops reading (gRPC flow control then
 # pushes back on the upstream instead of this process growing without bound).
@@ -64,27 +72,37 @@ class Sequencer:
         if self.log_id is None:
             self.log_id, self.last = log_id, head
 
-    def accept(self, log_id: str, sequences: Sequence[int]) -> tuple[int, Gap | None]:
-        """Return how many leading events are duplicates to drop, and any gap."""
-        gap: Gap | None = None
+    def accept(self, log_id: str, sequences: Sequence[int]) -> tuple[int, list[tuple[int, Gap]]]:
+        """How many leading events are duplicates to drop, and the gaps among the rest.
+
+        A gap is ``(i, gap)``: events are missing just before ``sequences[i]`` (or, at
+        ``i == len(sequences)``, after the batch: the log changed and nothing followed
+        yet). Whatever could not be forwarded is simply absent from ``sequences``, so
+        it shows up here as a gap too.
+        """
+        gaps: list[tuple[int, Gap]] = []
         previous = format_id(self.log_id, self.last) if self.log_id else None
-        if self.log_id is not None and log_id != self.log_id:
+        known = self.log_id is not None
+        restarted = known and log_id != self.log_id
+        if restarted:
             # The upstream restarted with a new log: whatever followed our last event
             # in the old log is gone.
-            first = sequences[0] if sequences else None
-            gap = Gap("upstream-restarted", previous, format_id(log_id, first) if first else None)
             self.last = 0
-        known = self.log_id is not None
         self.log_id = log_id
         skip = 0
         while skip < len(sequences) and sequences[skip] <= self.last:
             skip += 1
-        if skip < len(sequences):
-            first = sequences[skip]
-            if gap is None and known and first > self.last + 1:
-                gap = Gap("upstream-gap", previous, format_id(log_id, first))
-            self.last = sequences[-1]
-        return skip, gap
+        if restarted:
+            first = sequences[skip] if skip < len(sequences) else None
+            before = format_id(log_id, first) if first else None
+            gaps.append((skip, Gap("upstream-restarted", previous, before)))
+        for i in range(skip, len(sequences)):
+            sequence = sequences[i]
+            if known and not (restarted and i == skip) and sequence > self.last + 1:
+                after, before = format_id(log_id, self.last), format_id(log_id, sequence)
+                gaps.append((i, Gap("upstream-gap", after, before)))
+            self.last = sequence
+        return skip, gaps
 
 
 class _Pump:
@@ -182,6 +200,25 @@ class UpstreamBridge:
             ],
         )
 
+    def _subscribe(
+        self, channel: grpc.Channel
+    ) -> grpc.UnaryStreamMultiCallable[pb.SubscribeRequest, pb.SubscribeResponse]:
+        # The generated stub would decode with SubscribeResponse.FromString, which fails
+        # a whole batch (and, as resuming asks for it again, the stream for good) on one
+        # event with a bad string. This decoder salvages the rest.
+        return channel.unary_stream(
+            SUBSCRIBE_METHOD,
+            request_serializer=pb.SubscribeRequest.SerializeToString,
+            response_deserializer=self._decode,
+        )
+
+    def _decode(self, data: bytes) -> pb.SubscribeResponse:
+        response, bad = decode_response(data)
+        if bad:
+            self.malformed += bad
+            log.warning("skipped %d undecodable upstream event(s)", bad)
+        return response
+
     async def run(self) -> None:
         """Subscribe forever; returns only when cancelled."""
         s = self._settings
@@ -205,11 +242,10 @@ class UpstreamBridge:
     async def _stream_once(self) -> None:
         channel = self._channel_factory(self._settings.target)
         try:
-            stub = pb_grpc.KernelEventsServiceStub(channel)
             request = pb.SubscribeRequest(
                 after_sequence=self.sequencer.last, log_id=self.sequencer.log_id or ""
             )
-            call = stub.Subscribe(request)
+            call = self._subscribe(channel)(request)
             self.connects += 1
             pump = _Pump(trio.lowlevel.current_trio_token())
             error: grpc.RpcError | None = None
@@ -241,9 +277,7 @@ class UpstreamBridge:
         lost = Gap("upstream-unavailable", format_id(log_id, after), format_id(log_id, until + 1))
         channel = self._channel_factory(self._settings.target)
         try:
-            call = pb_grpc.KernelEventsServiceStub(channel).Subscribe(
-                request, timeout=self._settings.connect_timeout + 30
-            )
+            call = self._subscribe(channel)(request, timeout=self._settings.connect_timeout + 30)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_on_exit, call, None)
                 responses = await trio.to_thread.run_sync(
@@ -288,22 +322,25 @@ class UpstreamBridge:
             self.live = True
             log.info("upstream %s: stream live", self._settings.target)
         log_id = _safe_log_id(response.log_id)
-        messages = response.events
         self.sequencer.attach(log_id, response.head_sequence)
         self._hub.attach(log_id, self.sequencer.last)
-        skip, gap = self.sequencer.accept(log_id, [m.sequence for m in messages])
-        if gap is not None:
-            self._hub.publish_gap(gap.reason, gap.after, gap.before)
+        self.received += len(response.events)
         events: list[Event] = []
-        for msg in messages[skip:]:
+        for msg in response.events:
             try:
                 events.append(from_proto(msg))
             except MalformedEvent as exc:
                 self.malformed += 1
                 log.warning("skipping malformed upstream event: %s", exc)
-        self.received += len(messages)
-        if events:
-            self._hub.publish(log_id, events)
+        skip, gaps = self.sequencer.accept(log_id, [e.sequence for e in events])
+        start = skip
+        for index, gap in gaps:
+            if index > start:
+                self._hub.publish(log_id, events[start:index])
+            self._hub.publish_gap(gap.reason, gap.after, gap.before)
+            start = index
+        if start < len(events):
+            self._hub.publish(log_id, events[start:])
 
 
 def _collect(
@@ -366,6 +403,38 @@ def _fetched(
         )
         reached = until
     return Fetched(events, reached, gap)
+
+
+def decode_response(data: bytes) -> tuple[pb.SubscribeResponse, int]:
+    """Decode a response, keeping every event that decodes; count those that do not.
+
+    Pure. A batch is normally decoded in one call; only when that fails are its fields
+    walked one by one (as unknown fields of an empty message) to isolate the bad ones.
+    """
+    try:
+        return pb.SubscribeResponse.FromString(data), 0
+    except DecodeError:
+        pass
+    shell = empty_pb2.Empty()
+    shell.ParseFromString(data)  # a batch that is not protobuf at all still raises
+    response = pb.SubscribeResponse()
+    bad = 0
+    fields = UnknownFieldSet(shell)
+    for i in range(len(fields)):
+        field = fields[i]
+        number, value = field.field_number, field.data
+        if number == _EVENTS_FIELD and isinstance(value, bytes):
+            try:
+                response.events.append(pb.LifecycleEvent.FromString(value))
+            except DecodeError:
+                bad += 1
+        elif number == _LOG_ID_FIELD and isinstance(value, bytes):
+            response.log_id = value.decode("utf-8", "replace")
+        elif number == _OLDEST_FIELD and isinstance(value, int):
+            response.oldest_sequence = value
+        elif number == _HEAD_FIELD and isinstance(value, int):
+            response.head_sequence = value
+    return response, bad
 
 
 def _drain(call: grpc.Call, pump: _Pump) -> None:

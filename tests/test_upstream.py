@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Iterator
+from concurrent import futures
 
 import grpc
 import pytest
@@ -14,7 +16,14 @@ from proxy._pb.kernel_events.v1 import events_pb2_grpc as pb_grpc
 from proxy.config import UpstreamSettings
 from proxy.hub import Hub
 from proxy.policy import Filters, Principal, Role
-from proxy.upstream import Fetched, Gap, Sequencer, UpstreamBridge, _fetched
+from proxy.upstream import (
+    Fetched,
+    Gap,
+    Sequencer,
+    UpstreamBridge,
+    _fetched,
+    decode_response,
+)
 from proxy.upstream_server import EventLog, UpstreamServer
 
 from .helpers import USER1, lifecycle, wait_until
@@ -44,19 +53,27 @@ def events_in(frames: list[bytes]) -> list[tuple[str, str | None]]:
 
 def test_sequencer_drops_duplicates_and_names_gaps() -> None:
     seq = Sequencer()
-    assert seq.accept("L", [5, 6]) == (0, None)
-    assert seq.accept("L", [5, 6, 7]) == (2, None)
-    assert seq.accept("L", [10]) == (0, Gap("upstream-gap", "L:7", "L:10"))
-    assert seq.accept("M", [1, 2]) == (0, Gap("upstream-restarted", "L:10", "M:1"))
+    assert seq.accept("L", [5, 6]) == (0, [])
+    assert seq.accept("L", [5, 6, 7]) == (2, [])
+    assert seq.accept("L", [10]) == (0, [(0, Gap("upstream-gap", "L:7", "L:10"))])
+    assert seq.accept("M", [1, 2]) == (0, [(0, Gap("upstream-restarted", "L:10", "M:1"))])
     assert (seq.log_id, seq.last) == ("M", 2)
+
+
+def test_sequencer_finds_gaps_inside_a_batch() -> None:
+    seq = Sequencer()
+    seq.attach("L", 0)
+    assert seq.accept("L", [1, 2, 4, 5, 9]) == (
+        0,
+        [(2, Gap("upstream-gap", "L:2", "L:4")), (4, Gap("upstream-gap", "L:5", "L:9"))],
+    )
 
 
 def test_sequencer_log_change_without_events_is_a_gap() -> None:
     seq = Sequencer()
     seq.accept("L", [1])
-    _, gap = seq.accept("M", [])
-    assert gap is not None
-    assert gap.reason == "upstream-restarted"
+    _, gaps = seq.accept("M", [])
+    assert gaps == [(0, Gap("upstream-restarted", "L:1", None))]
 
 
 # -- the shipped server ------------------------------------------------------------
@@ -251,7 +268,11 @@ async def test_bridge_skips_malformed_events_and_keeps_streaming(server: Upstrea
             await wait_until(lambda: hub.published == 1)
             nursery.cancel_scope.cancel()
         assert bridge.malformed == 1
-        assert events_in(await sub.outbox.take()) == [("kernel_started", f"{server.log.log_id}:2")]
+        # Skipped, and said so: clients learn that an event is missing.
+        assert events_in(await sub.outbox.take()) == [
+            ("stream_gap", None),
+            ("kernel_started", f"{server.log.log_id}:2"),
+        ]
 
 
 async def test_bridge_gives_up_on_a_peer_that_never_answers() -> None:
@@ -279,8 +300,8 @@ def test_sequencer_live_start_at_head_then_gap_is_reported() -> None:
     seq = Sequencer()
     seq.attach("L", 10)
     seq.attach("L", 99)  # only the first attachment sets the position
-    assert seq.accept("L", [11]) == (0, None)
-    assert seq.accept("L", [15]) == (0, Gap("upstream-gap", "L:11", "L:15"))
+    assert seq.accept("L", [11]) == (0, [])
+    assert seq.accept("L", [15]) == (0, [(0, Gap("upstream-gap", "L:11", "L:15"))])
 
 
 def _response(log_id: str, seqs: list[int], head: int) -> pb.SubscribeResponse:
@@ -322,3 +343,77 @@ def test_fetched_nothing_at_all_is_a_gap() -> None:
 def test_fetched_partial_chunk_advances_the_cursor() -> None:
     got = _fetched("L", 4, 9, [_response("L", [], 20), _response("L", [5, 6], 20)], LOST)
     assert (got.reached, got.gap) == (6, None)
+
+
+def _with_bad_utf8(event: pb.LifecycleEvent) -> bytes:
+    raw = bytearray(event.SerializeToString())
+    raw[raw.index(b"BAD")] = 0xFF  # a string that is not UTF-8
+    return bytes(raw)
+
+
+def _batch(log_id: str, head: int, *events: bytes) -> bytes:
+    out = pb.SubscribeResponse(log_id=log_id, head_sequence=head).SerializeToString()
+    for event in events:
+        out += b"\x12" + _varint(len(event)) + event
+    return out
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def test_decode_response_salvages_the_good_events_of_a_batch() -> None:
+    good = lifecycle("kernel_started", "a", USER1, sequence=1).SerializeToString()
+    bad = _with_bad_utf8(lifecycle("kernel_started", "BAD", USER1, sequence=2))
+    later = lifecycle("kernel_started", "c", USER1, sequence=3).SerializeToString()
+    response, skipped = decode_response(_batch("L", 3, good, bad, later))
+    assert skipped == 1
+    assert (response.log_id, response.head_sequence) == ("L", 3)
+    assert [e.sequence for e in response.events] == [1, 3]
+
+
+def test_decode_response_of_a_clean_batch_is_the_plain_decode() -> None:
+    clean = pb.SubscribeResponse(log_id="L", events=[lifecycle("x", "s", USER1, sequence=1)])
+    assert decode_response(clean.SerializeToString()) == (clean, 0)
+
+
+async def test_an_undecodable_event_does_not_kill_the_stream() -> None:
+    """A raw gRPC upstream sends one batch with a bad string, then keeps going."""
+    good = lifecycle("kernel_started", "a", USER1, sequence=1).SerializeToString()
+    bad = _with_bad_utf8(lifecycle("kernel_started", "BAD", USER1, sequence=2))
+    later = lifecycle("kernel_started", "c", USER1, sequence=3).SerializeToString()
+    batches = [_batch("L", 0), _batch("L", 3, good, bad, later)]
+
+    def subscribe(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield from batches
+        while context.is_active():
+            threading.Event().wait(0.05)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    handler = grpc.method_handlers_generic_handler(
+        "kernel_events.v1.KernelEventsService",
+        {"Subscribe": grpc.unary_stream_rpc_method_handler(subscribe)},
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        hub = Hub(history_size=10, outbox_limit=10)
+        bridge = bridge_for(f"127.0.0.1:{port}", hub)
+        with hub.subscribe(SUPER, Filters()) as sub:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(bridge.run)
+                await wait_until(lambda: hub.published == 2)
+                nursery.cancel_scope.cancel()
+            got = events_in(await sub.outbox.take())
+        assert bridge.malformed == 1
+        assert bridge.connects == 1  # no reconnect loop on a poison batch
+        # The missing event is announced, not skipped in silence.
+        assert got == [("kernel_started", "L:1"), ("stream_gap", None), ("kernel_started", "L:3")]
+    finally:
+        server.stop(0)
