@@ -33,10 +33,18 @@ run: install
 	$(VENV)/bin/kernel-events-proxy serve --demo
 
 # System packages the tests need: nginx (tests/e2e/test_scale_out.py runs
-# deploy/nginx.conf in front of real replicas). apt-get runs only when it is missing.
+# deploy/nginx.conf in front of real replicas) and Debian's chromium
+# (tests/e2e/test_browser.py drives it headless with Playwright; never
+# `playwright install`, which downloads a browser build). apt-get runs only when
+# something is missing, with one `apt-get update`.
 .PHONY: system-deps
 system-deps:
-	command -v nginx >/dev/null || (apt-get update && apt-get install -y --no-install-recommends nginx)
+	@missing=""; \
+	command -v nginx >/dev/null || missing="$$missing nginx"; \
+	test -x /usr/bin/chromium || missing="$$missing chromium fonts-dejavu-core"; \
+	if [ -n "$$missing" ]; then \
+	  apt-get update && apt-get install -y --no-install-recommends $$missing; \
+	fi
 
 test: system-deps install sdk-env
 	KEP_SDK_PYTHON=$(abspath $(SDK_VENV))/bin/python $(VENV)/bin/pytest
@@ -63,3 +71,28 @@ lint: install node_modules/.bin/buf
 
 clean:
 	rm -rf $(VENV) $(SDK_VENV) node_modules .pytest_cache .mypy_cache .ruff_cache
+
+# Benchmarks against real peers (docs/benchmarks.md); never part of `make test`.
+# Bench-only Python packages come from the `bench` extra; nginx and its nchan module
+# (system 4) are installed only when missing. Extra options: BENCH_ARGS="--systems proxy".
+BENCH_STAMP := $(VENV)/.bench-installed
+BENCH_ARGS ?=
+
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $@
+
+.PHONY: bench bench-quick bench-deps
+bench-deps: $(BENCH_STAMP)
+	@missing=""; \
+	command -v nginx >/dev/null || missing="$$missing nginx"; \
+	test -f /usr/lib/nginx/modules/ngx_nchan_module.so || missing="$$missing libnginx-mod-nchan"; \
+	if [ -n "$$missing" ]; then \
+	  apt-get update && apt-get install -y --no-install-recommends $$missing; \
+	fi
+
+bench: bench-deps
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+bench-quick: bench-deps
+	$(PY) -m bench.run --quick $(BENCH_ARGS)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 from urllib.parse import parse_qs
@@ -25,9 +26,12 @@ from .eventid import Cursor, InvalidEventId, parse_id
 from .hub import Hub, Subscription, encode, gap_frame
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
+from .openapi import DOCUMENT as OPENAPI
 from .policy import Filters, PolicyError, Principal, resolve_filters, visible
+from .sessions import authenticate_browser
 from .signing import AuthError, Keypair, verify
 from .upstream import Fetched, UpstreamBridge
+from .web import Cors, browser_blueprint, jwt_verifier, prefers_html, session_codec, ui_response
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +54,13 @@ class RequestError(Exception):
 
 
 def error_response(status: int, error: str, detail: str) -> Response:
-    titles = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found"}
+    titles = {
+        400: "Bad Request",
+        401: "Unauthorized",
+        403: "Forbidden",
+        404: "Not Found",
+        415: "Unsupported Media Type",
+    }
     body = {
         "status": status,
         "error": error,
@@ -82,8 +92,9 @@ def create_app(
     # The live key set (reloaded from the keypairs file), or the configured one.
     keypairs: Mapping[str, Keypair] = keys if keys is not None else settings.keypair_index()
     skew = timedelta(seconds=settings.auth.max_clock_skew)
-    heartbeat_interval = settings.server.heartbeat_interval
-    fetch: Fetch = bridge.fetch
+    writer = _Writer(hub, bridge.fetch, metrics, settings.server.heartbeat_interval)
+    # Browsers and token holders: session cookies and bearer JWTs (sessions.py, web.py).
+    codec, bearer = session_codec(settings.session), jwt_verifier(settings.jwt)
 
     def authenticate() -> Principal:
         headers: dict[str, str] = {}
@@ -92,7 +103,18 @@ def create_app(
             if name in headers and name in _SINGLE_HEADERS:
                 raise RequestError(400, "duplicate-header", f"header {name!r} appears twice")
             headers[name] = raw_value.decode("latin-1")
+        if "host" not in headers and ":authority" in headers:
+            headers["host"] = headers[":authority"]  # HTTP/2 carries the host here
         try:
+            browser = authenticate_browser(
+                headers.get("authorization"),
+                request.cookies.get(settings.session.cookie_name),
+                bearer=bearer,
+                codec=codec,
+                lookup=keypairs.get,
+            )
+            if browser is not None:
+                return browser
             return verify(
                 method=request.method,
                 raw_target=_raw_target(request.scope),
@@ -147,8 +169,32 @@ def create_app(
         )
 
     @app.get("/")
-    async def index() -> dict[str, Any]:
+    async def index() -> dict[str, Any] | Response:
+        # A browser (it prefers text/html) gets the dashboard; the SDK's `*/*`, JSON.
+        if prefers_html(request.headers.get("Accept")):
+            return ui_response()
         return {"version": API_VERSION, "manager": "kernel-events-proxy", "proxy": __version__}
+
+    @app.after_request
+    async def _vary_on_accept(response: Response) -> Response:
+        if request.path == "/":
+            response.vary.add("Accept")
+        return response
+
+    app.register_blueprint(
+        browser_blueprint(
+            lookup=lambda access_key: keypairs.get(access_key),
+            session=settings.session,
+            codec=codec,
+            cors=Cors(frozenset(settings.server.cors_origins)),
+            on_auth_failure=lambda reason: metrics.auth_failures.update([reason]),
+            request_error=RequestError,
+        )
+    )
+
+    @app.get("/openapi.json")
+    async def openapi() -> dict[str, Any]:
+        return OPENAPI
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -181,9 +227,7 @@ def create_app(
         # id-only position blocks; the official SDK sends `*/*` and would turn such a
         # block into an empty "message" event.
         positions = "text/event-stream" in request.headers.get("Accept", "")
-        body = _stream(
-            hub, principal, filters, cursor, heartbeat_interval, fetch, positions, metrics
-        )
+        body = writer.stream(principal, filters, cursor, positions, request.remote_addr)
         response = Response(body, content_type="text/event-stream; charset=utf-8")
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"
@@ -201,92 +245,121 @@ def _raw_target(scope: Mapping[str, Any]) -> str:
     return target.decode("latin-1")
 
 
-async def _stream(
-    hub: Hub,
-    principal: Principal,
-    filters: Filters,
-    cursor: Cursor | None,
-    heartbeat_interval: float,
-    fetch: Fetch,
-    positions: bool,
-    metrics: Metrics,
-) -> AsyncIterator[bytes]:
-    started = time.monotonic()
-    sent = 0
-    with hub.subscribe(principal, filters, cursor) as sub:
-        # Taken with the subscription, atomically: everything up to here is not this
-        # client's to receive, so a reconnect from here loses nothing.
-        start = hub.position() if positions and cursor is None else None
-        log.info(
-            "stream open: %s (%s) filters=%s resume=%s",
-            principal.access_key,
-            principal.role,
-            filters,
-            cursor,
-        )
-        try:
-            if start is not None:
-                yield sse.encode_position(start)
-            async for chunk in _frames(hub, sub, heartbeat_interval, fetch, positions, metrics):
-                sent += 1
-                yield chunk
-        finally:
+@dataclass
+class _Tally:
+    events: int = 0
+
+
+@dataclass(frozen=True)
+class _Writer:
+    """Writes one client's stream: position, catch-up, queued frames, heartbeats."""
+
+    hub: Hub
+    fetch: Fetch
+    metrics: Metrics
+    heartbeat_interval: float
+
+    async def stream(
+        self,
+        principal: Principal,
+        filters: Filters,
+        cursor: Cursor | None,
+        positions: bool,
+        peer: str | None,
+    ) -> AsyncIterator[bytes]:
+        hub = self.hub
+        started = time.monotonic()
+        tally = _Tally()
+        with hub.subscribe(principal, filters, cursor) as sub:
+            # Taken with the subscription, atomically: everything up to here is not
+            # this client's to receive, so a reconnect from here loses nothing.
+            start = hub.position() if positions and cursor is None else None
+            fields = {
+                "access_key": principal.access_key,
+                "role": principal.role.value,
+                "filters": {
+                    "sessionId": filters.session,
+                    "ownerAccessKey": filters.owner,
+                    "group": filters.group,
+                },
+                "resume": str(cursor) if cursor else None,
+                "peer": peer,
+            }
             log.info(
-                "stream closed: %s after %.1fs, %d writes, reason=%s",
+                "stream open: %s (%s) filters=%s resume=%s",
                 principal.access_key,
-                time.monotonic() - started,
-                sent,
-                sub.outbox.reason or "client-gone",
+                principal.role.value,
+                fields["filters"],
+                fields["resume"],
+                extra={"event": "stream_open", **fields},
             )
+            try:
+                if start is not None:
+                    yield sse.encode_position(start)
+                async for chunk in self._frames(sub, positions, tally):
+                    yield chunk
+            finally:
+                duration = round(time.monotonic() - started, 3)
+                reason = sub.outbox.reason or "client-gone"
+                log.info(
+                    "stream closed: %s after %.1fs, %d events sent, reason=%s",
+                    principal.access_key,
+                    duration,
+                    tally.events,
+                    reason,
+                    extra={
+                        "event": "stream_close",
+                        **fields,
+                        "duration_s": duration,
+                        "events_sent": tally.events,
+                        "reason": reason,
+                    },
+                )
 
+    async def _frames(
+        self, sub: Subscription, positions: bool, tally: _Tally
+    ) -> AsyncIterator[bytes]:
+        hub, outbox = self.hub, sub.outbox
+        while True:
+            frames: list[bytes] | None = []
+            if sub.catchup is None:
+                frames = None
+                with trio.move_on_after(self.heartbeat_interval):
+                    frames = await outbox.take()
+                if frames is None:
+                    # The heartbeat also carries the position when nothing is pending
+                    # for this client, so a narrow filter does not leave its cursor far
+                    # behind.
+                    position = hub.position() if positions and hub.settled(sub) else None
+                    yield sse.encode_position(position, "ping") if position else _PING
+                    continue
+            # A catch-up (set at subscribe time, or by the first publish after it)
+            # comes before anything queued: those events are older.
+            while sub.catchup is not None:
+                chunk, count = await self._catch_up(sub)
+                tally.events += count
+                if chunk:
+                    yield chunk
+            if frames:
+                self.metrics.delivery_latency.observe(time.monotonic() - outbox.since)
+                tally.events += len(frames)
+                # Coalesce: everything queued goes out in one write.
+                yield frames[0] if len(frames) == 1 else b"".join(frames)
+            if outbox.closed and not len(outbox):
+                return
 
-async def _frames(
-    hub: Hub,
-    sub: Subscription,
-    heartbeat_interval: float,
-    fetch: Fetch,
-    positions: bool,
-    metrics: Metrics,
-) -> AsyncIterator[bytes]:
-    outbox = sub.outbox
-    while True:
-        frames: list[bytes] | None = []
-        if sub.catchup is None:
-            frames = None
-            with trio.move_on_after(heartbeat_interval):
-                frames = await outbox.take()
-            if frames is None:
-                # The heartbeat also carries the position when nothing is pending for
-                # this client, so a narrow filter does not leave its cursor far behind.
-                position = hub.position() if positions and hub.settled(sub) else None
-                yield sse.encode_position(position, "ping") if position else _PING
-                continue
-        # A catch-up (set at subscribe time, or by the first publish after it) comes
-        # before anything queued: those events are older.
-        while sub.catchup is not None:
-            chunk = await _catch_up(sub, fetch)
-            if chunk:
-                yield chunk
-        if frames:
-            metrics.delivery_latency.observe(time.monotonic() - outbox.since)
-            # Coalesce: everything queued goes out in one write.
-            yield frames[0] if len(frames) == 1 else b"".join(frames)
-        if outbox.closed and not len(outbox):
-            return
-
-
-async def _catch_up(sub: Subscription, fetch: Fetch) -> bytes:
-    assert sub.catchup is not None
-    cursor, until = sub.catchup
-    fetched = await fetch(cursor.log_id, cursor.sequence, until)
-    out: list[bytes] = []
-    if fetched.gap is not None:
-        out.append(gap_frame(fetched.gap.reason, fetched.gap.after, fetched.gap.before))
-    out.extend(
-        encode(cursor.log_id, event)
-        for event in fetched.events
-        if visible(sub.principal, sub.filters, event)
-    )
-    done = fetched.reached >= until or fetched.reached <= cursor.sequence
-    sub.catchup = None if done else (Cursor(cursor.log_id, fetched.reached), until)
-    return b"".join(out)
+    async def _catch_up(self, sub: Subscription) -> tuple[bytes, int]:
+        assert sub.catchup is not None
+        cursor, until = sub.catchup
+        fetched = await self.fetch(cursor.log_id, cursor.sequence, until)
+        out: list[bytes] = []
+        if fetched.gap is not None:
+            out.append(gap_frame(fetched.gap.reason, fetched.gap.after, fetched.gap.before))
+        out.extend(
+            encode(cursor.log_id, event)
+            for event in fetched.events
+            if visible(sub.principal, sub.filters, event)
+        )
+        done = fetched.reached >= until or fetched.reached <= cursor.sequence
+        sub.catchup = None if done else (Cursor(cursor.log_id, fetched.reached), until)
+        return b"".join(out), len(out)

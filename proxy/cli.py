@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from pythonjsonlogger.json import JsonFormatter
 
 from . import __version__
 from .config import ConfigError, KeypairSettings, Settings, load_settings, masked
@@ -39,12 +40,20 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one JSON object per line, with structured fields (for log shippers)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", type=Path, help="TOML settings file")
     serve.add_argument("--bind", help="HOST:PORT to listen on (default 127.0.0.1:8080)")
     serve.add_argument("--upstream", help="upstream gRPC target HOST:PORT")
+    serve.add_argument("--certfile", type=Path, help="TLS certificate (PEM); enables HTTP/2")
+    serve.add_argument("--keyfile", type=Path, help="TLS private key (PEM)")
     serve.add_argument(
         "--demo",
         action="store_true",
@@ -85,11 +94,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    _configure_logging(args.log_level, args.log_format)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
@@ -98,6 +103,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(
+            JsonFormatter(
+                "%(asctime)s %(levelname)s %(name)s %(message)s",
+                rename_fields={"levelname": "level", "name": "logger", "asctime": "time"},
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def _is_loopback(host_port: str) -> bool:
@@ -117,6 +136,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         flags.setdefault("server", {})["bind"] = args.bind
     if args.upstream:
         flags.setdefault("upstream", {})["target"] = args.upstream
+    for name in ("certfile", "keyfile"):
+        if getattr(args, name):
+            flags.setdefault("server", {})[name] = getattr(args, name)
     if not args.demo:
         settings = load_settings(args.config, os.environ, flags)
         if not settings.keypairs:
@@ -130,6 +152,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     flags["keypairs"] = [
         kp.model_dump() | {"secret_key": kp.secret_key.get_secret_value()} for kp in demo_keys
     ]
+    # Signs the dashboard's session cookies; new every run, like the demo secrets.
+    flags["session"] = {"secret_key": secrets.token_urlsafe(32)}
     settings = load_settings(args.config, os.environ, flags)
     if not _is_loopback(settings.server.bind):
         upstream.stop(0)
@@ -199,6 +223,10 @@ def _demo_banner(keys: Sequence[KeypairSettings]) -> Callable[[RunningProxy], st
         su = keys[-1]
         user = keys[0]
         lines += [
+            "",
+            f"Dashboard, in a browser: {proxy.url}/",
+            f"  log in with a keypair above, e.g. the user: access key {user.access_key}, "
+            f"secret key {user.secret_key.get_secret_value()}",
             "",
             "Live events, as the superadmin (paste into another terminal):",
             f"  {_tail_command(proxy.url, su)}",

@@ -10,6 +10,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -22,6 +23,7 @@ from pydantic import (
 )
 
 from .policy import Principal, Role
+from .sessions import min_key_bytes
 from .signing import Keypair
 
 
@@ -40,6 +42,23 @@ HostPort = Annotated[str, AfterValidator(_check_host_port)]
 Seconds = Annotated[float, Field(gt=0, le=86_400)]
 
 
+def _check_origin(value: str) -> str:
+    # Browsers send Origin as scheme://host[:port], lower case, no path.
+    if value == "*":
+        raise ValueError("'*' cannot be used with credentials: list the origins")
+    parts = urlsplit(value)
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.netloc
+        or value != f"{parts.scheme}://{parts.netloc}"
+    ):
+        raise ValueError("must be an origin: scheme://host[:port], no path or trailing slash")
+    return value.lower()
+
+
+Origin = Annotated[str, AfterValidator(_check_origin)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -55,10 +74,54 @@ class ServerSettings(_Section):
     # Data sent to a client and not acknowledged for this long means it stopped
     # reading or is gone: the kernel aborts the connection (TCP_USER_TIMEOUT).
     write_timeout: Seconds = 30.0
+    # TLS (and with it HTTP/2, negotiated by ALPN): both files, or neither.
+    certfile: Path | None = None
+    keyfile: Path | None = None
     # Serve /metrics on this separate HOST:PORT only (None: on the main bind).
     metrics_bind: HostPort | None = None
     # How long clients get to read their final events at shutdown.
     graceful_timeout: Seconds = 5.0
+    # Browser origins (scheme://host[:port]) allowed to call with credentials (CORS).
+    cors_origins: tuple[Origin, ...] = ()
+
+
+class SessionSettings(_Section):
+    """Browser sessions: ``POST /server/login`` sets a signed, expiring cookie."""
+
+    # Signs the cookies; every replica needs the same one. Unset: no cookie sessions.
+    secret_key: Annotated[SecretStr, Field(min_length=32)] | None = None
+    max_age: Annotated[int, Field(ge=60, le=30 * 86_400)] = 12 * 3600
+    cookie_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "kep_session"
+    # Secure cookies: unset means "when the request came over TLS"; set true when TLS
+    # ends at a reverse proxy in front.
+    cookie_secure: bool | None = None
+
+
+class JwtSettings(_Section):
+    """``Authorization: Bearer <JWT>`` signed with a shared HMAC key."""
+
+    # Unset: bearer tokens are refused.
+    key: Annotated[SecretStr, Field(min_length=32)] | None = None
+    algorithms: Annotated[tuple[Literal["HS256", "HS384", "HS512"], ...], Field(min_length=1)] = (
+        "HS256",
+    )
+    issuer: Annotated[str, Field(min_length=1)] | None = None
+    audience: Annotated[str, Field(min_length=1)] | None = None
+    # Clock difference tolerated for exp/nbf/iat, seconds.
+    leeway: Annotated[float, Field(ge=0, le=300)] = 0.0
+
+    @model_validator(mode="after")
+    def _key_long_enough(self) -> JwtSettings:
+        need = min_key_bytes(self.algorithms)
+        if self.key is not None and len(self.key.get_secret_value().encode()) < need:
+            raise ValueError(f"key: must be at least {need} bytes for {max(self.algorithms)}")
+        return self
+
+
+def _check_tls_pair(server: ServerSettings) -> ServerSettings:
+    if (server.certfile is None) != (server.keyfile is None):
+        raise ValueError("certfile and keyfile go together: set both or neither")
+    return server
 
 
 class UpstreamSettings(_Section):
@@ -91,9 +154,11 @@ class KeypairSettings(_Section):
 
 
 class Settings(_Section):
-    server: ServerSettings = ServerSettings()
+    server: Annotated[ServerSettings, AfterValidator(_check_tls_pair)] = ServerSettings()
     upstream: UpstreamSettings = UpstreamSettings()
     auth: AuthSettings = AuthSettings()
+    session: SessionSettings = SessionSettings()
+    jwt: JwtSettings = JwtSettings()
     keypairs: tuple[KeypairSettings, ...] = ()
 
     @model_validator(mode="after")
@@ -114,6 +179,8 @@ _SECTIONS: Final[dict[str, type[BaseModel]]] = {
     "server": ServerSettings,
     "upstream": UpstreamSettings,
     "auth": AuthSettings,
+    "session": SessionSettings,
+    "jwt": JwtSettings,
 }
 
 

@@ -240,3 +240,138 @@ DOCUMENT: dict[str, Any] = {
     },
     "security": [{"backendaiSignature": []}],
 }
+
+
+# --- The browser side (web.py): sessions, the dashboard's files ------------------------
+
+_PRINCIPAL: dict[str, Any] = {
+    "type": "object",
+    "required": ["access_key", "role", "domain", "user_id", "expires_in"],
+    "properties": {
+        "access_key": {"type": "string"},
+        "role": {"enum": ["user", "admin", "superadmin"]},
+        "domain": {"type": "string"},
+        "user_id": {"type": "string"},
+        "expires_in": {"type": "integer", "description": "Seconds the session lasts."},
+    },
+    "additionalProperties": False,
+}
+_UI_FILE = {
+    "description": "The file",
+    "content": {
+        media: {"schema": {"type": "string"}}
+        for media in ("text/html", "text/javascript", "text/css", "image/svg+xml")
+    },
+}
+DOCUMENT["paths"].update(
+    {
+        "/server/login": {
+            "post": {
+                "summary": "Sign in with a keypair; sets the session cookie",
+                "description": (
+                    "Sets an HttpOnly, SameSite=Lax cookie (Secure over TLS) holding a "
+                    "signed, expiring token. Wrong credentials get the same answer whether "
+                    "or not the access key exists."
+                ),
+                "security": [],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["access_key", "secret_key"],
+                                "properties": {
+                                    "access_key": {"type": "string", "maxLength": 256},
+                                    "secret_key": {"type": "string", "maxLength": 256},
+                                },
+                                "additionalProperties": False,
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "Signed in",
+                        "content": {"application/json": {"schema": _PRINCIPAL}},
+                    },
+                    "400": _error("Malformed body (the `error` field says how)"),
+                    "401": _error("Wrong access key or secret key"),
+                    "403": _error("A request from a foreign origin"),
+                    "404": _error("Cookie sessions are not configured"),
+                    "415": _error("The body is not application/json"),
+                },
+            }
+        },
+        "/server/logout": {
+            "post": {
+                "summary": "Sign out: clears the session cookie",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "Signed out",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {"status": {"const": "logged-out"}},
+                                }
+                            }
+                        },
+                    },
+                    "403": _error("A request from a foreign origin"),
+                },
+            }
+        },
+        "/server/session": {
+            "get": {
+                "summary": "Who the session cookie names",
+                "security": [{"sessionCookie": []}],
+                "responses": {
+                    "200": {
+                        "description": "Signed in",
+                        "content": {"application/json": {"schema": _PRINCIPAL}},
+                    },
+                    "401": _error("No valid session"),
+                },
+            }
+        },
+        "/ui/": {
+            "get": {
+                "summary": "The dashboard page",
+                "security": [],
+                "responses": {"200": _UI_FILE},
+            }
+        },
+        "/ui/{name}": {
+            "get": {
+                "summary": "The dashboard's files (app.js, style.css, favicon.svg)",
+                "security": [],
+                "parameters": [
+                    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {"200": _UI_FILE, "404": _error("No such file")},
+            }
+        },
+    }
+)
+DOCUMENT["components"]["securitySchemes"].update(
+    {
+        "sessionCookie": {
+            "type": "apiKey",
+            "in": "cookie",
+            "name": "kep_session",
+            "description": "Set by POST /server/login (the name is `session.cookie_name`).",
+        },
+        "bearerJwt": {
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "JWT",
+            "description": (
+                "HMAC-signed (`jwt.key`); claims `sub` or `access_key`, `role`, `user_id`, "
+                "`domain`, `exp`."
+            ),
+        },
+    }
+)
+DOCUMENT["security"] += [{"sessionCookie": []}, {"bearerJwt": []}]

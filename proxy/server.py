@@ -78,6 +78,11 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.include_server_header = False
+    if settings.server.certfile is not None and settings.server.keyfile is not None:
+        # TLS; ALPN then offers h2 first, so browsers multiplex streams on one
+        # connection instead of hitting their six-connections-per-host limit.
+        config.certfile = str(settings.server.certfile)
+        config.keyfile = str(settings.server.keyfile)
     return config
 
 

@@ -446,3 +446,79 @@ def test_masked_settings_hide_every_secret() -> None:
     shown = masked(settings)
     assert "super-secret-value" not in repr(shown)
     assert shown["keypairs"][0]["secret_key"] == "**********"
+
+
+# --- Browser sessions, bearer tokens, CORS --------------------------------------------
+
+
+def test_session_jwt_and_cors_defaults_are_off() -> None:
+    settings = Settings()
+    assert settings.session.secret_key is None
+    assert settings.session.max_age == 12 * 3600
+    assert settings.session.cookie_name == "kep_session"
+    assert settings.jwt.key is None
+    assert settings.jwt.algorithms == ("HS256",)
+    assert settings.server.cors_origins == ()
+
+
+def test_session_jwt_and_cors_load_and_keep_secrets_out_of_reprs(tmp_path: Path) -> None:
+    session_key, jwt_key = "s" * 40, "j" * 48
+    settings = load_settings(
+        write(
+            tmp_path,
+            f"""
+[server]
+cors_origins = ["https://Dash.example", "http://localhost:3000"]
+
+[session]
+secret_key = "{session_key}"
+max_age = 3600
+cookie_name = "kep"
+cookie_secure = true
+
+[jwt]
+key = "{jwt_key}"
+algorithms = ["HS256", "HS384"]
+issuer = "https://idp.example"
+audience = "kep"
+""",
+        )
+    )
+    assert settings.server.cors_origins == ("https://dash.example", "http://localhost:3000")
+    assert settings.session.secret_key is not None
+    assert settings.session.secret_key.get_secret_value() == session_key
+    assert (settings.session.max_age, settings.session.cookie_name) == (3600, "kep")
+    assert settings.session.cookie_secure is True
+    assert settings.jwt.algorithms == ("HS256", "HS384")
+    assert (settings.jwt.issuer, settings.jwt.audience) == ("https://idp.example", "kep")
+    assert session_key not in repr(settings)
+    assert jwt_key not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("data", "names"),
+    [
+        ({"session": {"secret_key": "short"}}, "session.secret_key"),
+        ({"session": {"max_age": 10}}, "session.max_age"),
+        ({"session": {"cookie_name": "a b"}}, "session.cookie_name"),
+        ({"session": {"secret": "x" * 40}}, "session.secret: unknown key"),
+        ({"jwt": {"algorithms": ["none"]}}, "jwt.algorithms"),
+        ({"jwt": {"algorithms": ["RS256"]}}, "jwt.algorithms"),
+        ({"jwt": {"algorithms": []}}, "jwt.algorithms"),
+        ({"jwt": {"key": "k" * 40, "algorithms": ["HS512"]}}, "64 bytes"),
+        ({"server": {"cors_origins": ["*"]}}, "server.cors_origins.0"),
+        ({"server": {"cors_origins": ["https://a.example/"]}}, "server.cors_origins.0"),
+        ({"server": {"cors_origins": ["a.example"]}}, "server.cors_origins.0"),
+        ({"server": {"cors_origins": ["ftp://a.example"]}}, "server.cors_origins.0"),
+    ],
+)
+def test_bad_session_jwt_and_cors_settings_name_the_key(data: dict[str, Any], names: str) -> None:
+    assert names in error_of(data)
+
+
+def test_session_and_jwt_keys_from_the_environment() -> None:
+    settings = load_settings(None, {"KEP_SESSION__SECRET_KEY": "e" * 40, "KEP_JWT__KEY": "f" * 40})
+    assert settings.session.secret_key is not None
+    assert settings.session.secret_key.get_secret_value() == "e" * 40
+    assert settings.jwt.key is not None
+    assert settings.jwt.key.get_secret_value() == "f" * 40

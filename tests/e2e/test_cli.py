@@ -235,3 +235,24 @@ async def test_tail_exits_2_with_a_clear_message_on_auth_failure(proxy: ProxyUnd
     message = result.stderr.decode()
     assert "401" in message
     assert "Traceback" not in message
+
+
+def test_demo_banner_shows_the_dashboard_and_its_login_works(
+    processes: list[subprocess.Popen[str]],
+) -> None:
+    import httpx
+
+    demo = start("serve", "--demo", "--bind", "127.0.0.1:0")
+    processes.append(demo)
+    url = read_until(demo.stdout, r"^Dashboard, in a browser: (\S+)/$").group(1)
+    login = read_until(demo.stdout, r"access key (AKDEMOUSER1), secret key (\S+)$")
+    page = httpx.get(f"{url}/", headers={"Accept": "text/html,*/*;q=0.8"}, timeout=10)
+    assert page.headers["content-type"].startswith("text/html")
+    response = httpx.post(
+        f"{url}/server/login",
+        json={"access_key": login.group(1), "secret_key": login.group(2)},
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["role"] == "user"
+    assert "kep_session=" in response.headers["set-cookie"]
