@@ -15,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 from urllib.parse import parse_qs
 
-import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -38,7 +37,6 @@ log = logging.getLogger(__name__)
 API_VERSION: Final = "v4.20190615"
 EVENTS_PATH: Final = "/stream/kernel/_/events"
 MAX_QUERY_FIELDS: Final = 16
-_PING: Final = sse.encode_comment("ping")
 # Reads (after, until] of a log from the upstream, for clients older than the history.
 Fetch = Callable[[str, int, int], Awaitable[Fetched]]
 # Headers that authenticate a request must appear once: with two, which one was signed?
@@ -92,7 +90,7 @@ def create_app(
     # The live key set (reloaded from the keypairs file), or the configured one.
     keypairs: Mapping[str, Keypair] = keys if keys is not None else settings.keypair_index()
     skew = timedelta(seconds=settings.auth.max_clock_skew)
-    writer = _Writer(hub, bridge.fetch, metrics, settings.server.heartbeat_interval)
+    writer = _Writer(hub, bridge.fetch, metrics)
     # Browsers and token holders: session cookies and bearer JWTs (sessions.py, web.py).
     codec, bearer = session_codec(settings.session), jwt_verifier(settings.jwt)
 
@@ -257,7 +255,6 @@ class _Writer:
     hub: Hub
     fetch: Fetch
     metrics: Metrics
-    heartbeat_interval: float
 
     async def stream(
         self,
@@ -270,7 +267,7 @@ class _Writer:
         hub = self.hub
         started = time.monotonic()
         tally = _Tally()
-        with hub.subscribe(principal, filters, cursor) as sub:
+        with hub.subscribe(principal, filters, cursor, positions=positions) as sub:
             # Taken with the subscription, atomically: everything up to here is not
             # this client's to receive, so a reconnect from here loses nothing.
             start = hub.position() if positions and cursor is None else None
@@ -296,7 +293,7 @@ class _Writer:
             try:
                 if start is not None:
                     yield sse.encode_position(start)
-                async for chunk in self._frames(sub, positions, tally):
+                async for chunk in self._frames(sub, tally):
                     yield chunk
             finally:
                 duration = round(time.monotonic() - started, 3)
@@ -316,23 +313,11 @@ class _Writer:
                     },
                 )
 
-    async def _frames(
-        self, sub: Subscription, positions: bool, tally: _Tally
-    ) -> AsyncIterator[bytes]:
-        hub, outbox = self.hub, sub.outbox
+    async def _frames(self, sub: Subscription, tally: _Tally) -> AsyncIterator[bytes]:
+        outbox = sub.outbox
         while True:
-            frames: list[bytes] | None = []
-            if sub.catchup is None:
-                frames = None
-                with trio.move_on_after(self.heartbeat_interval):
-                    frames = await outbox.take()
-                if frames is None:
-                    # The heartbeat also carries the position when nothing is pending
-                    # for this client, so a narrow filter does not leave its cursor far
-                    # behind.
-                    position = hub.position() if positions and hub.settled(sub) else None
-                    yield sse.encode_position(position, "ping") if position else _PING
-                    continue
+            # Heartbeats arrive through the outbox too (Hub.run_heartbeats).
+            frames = [] if sub.catchup is not None else await outbox.take()
             # A catch-up (set at subscribe time, or by the first publish after it)
             # comes before anything queued: those events are older.
             while sub.catchup is not None:
@@ -342,7 +327,7 @@ class _Writer:
                     yield chunk
             if frames:
                 self.metrics.delivery_latency.observe(time.monotonic() - outbox.since)
-                tally.events += len(frames)
+                tally.events += len(frames) - outbox.taken_beats
                 # Coalesce: everything queued goes out in one write.
                 yield frames[0] if len(frames) == 1 else b"".join(frames)
             if outbox.closed and not len(outbox):

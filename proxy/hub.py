@@ -25,6 +25,7 @@ from .policy import Filters, IndexKey, Principal, event_keys, index_key, visible
 
 log = logging.getLogger(__name__)
 
+PING: Final = sse.encode_comment("ping")
 GAP_EVENT: Final = "stream_gap"
 OVERFLOW_EVENT: Final = "stream_overflow"
 SERVER_CLOSE_EVENT: Final = "server_close"
@@ -43,7 +44,17 @@ class _Entry:
 class Outbox:
     """A client's bounded queue of encoded frames; the writer takes all at once."""
 
-    __slots__ = ("_frames", "_limit", "_lot", "closed", "reason", "since")
+    __slots__ = (
+        "_beats",
+        "_frames",
+        "_limit",
+        "_lot",
+        "closed",
+        "last_activity",
+        "reason",
+        "since",
+        "taken_beats",
+    )
 
     def __init__(self, limit: int) -> None:
         self._frames: list[bytes] = []
@@ -52,6 +63,9 @@ class Outbox:
         self.closed = False
         self.reason = ""
         self.since = 0.0  # when the oldest queued frame arrived (time.monotonic)
+        self.last_activity = time.monotonic()  # when the writer last took frames
+        self._beats = 0  # heartbeat frames among the queued ones
+        self.taken_beats = 0  # ...among those the last take() returned
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -86,6 +100,14 @@ class Outbox:
         self.reason = reason
         self._lot.unpark_all()
 
+    def beat(self, frame: bytes) -> None:
+        """Queue a heartbeat (not an event: ``taken_beats`` tells the writer)."""
+        if not self._frames:
+            self.since = time.monotonic()
+        self._frames.append(frame)
+        self._beats += 1
+        self._lot.unpark_all()
+
     def discard(self) -> None:
         self._frames.clear()
 
@@ -94,6 +116,8 @@ class Outbox:
         while not self._frames and not self.closed:
             await self._lot.park()
         frames, self._frames = self._frames, []
+        self.taken_beats, self._beats = self._beats, 0
+        self.last_activity = time.monotonic()
         return frames
 
 
@@ -103,16 +127,21 @@ class Subscription:
         "filters",
         "key",
         "outbox",
+        "positions",
         "principal",
         "resume",
         "skip_log",
         "skip_until",
     )
 
-    def __init__(self, principal: Principal, filters: Filters, outbox: Outbox) -> None:
+    def __init__(
+        self, principal: Principal, filters: Filters, outbox: Outbox, positions: bool = False
+    ) -> None:
         self.principal = principal
         self.filters = filters
         self.outbox = outbox
+        # Whether its heartbeats carry the stream position (text/event-stream clients).
+        self.positions = positions
         self.key: IndexKey = index_key(principal, filters)
         self.resume: Cursor | None = None
         # Events (cursor, up to this sequence] must be fetched from the upstream and
@@ -157,10 +186,15 @@ class Hub:
 
     @contextmanager
     def subscribe(
-        self, principal: Principal, filters: Filters, after: Cursor | None = None
+        self,
+        principal: Principal,
+        filters: Filters,
+        after: Cursor | None = None,
+        *,
+        positions: bool = False,
     ) -> Iterator[Subscription]:
         """Register a client for as long as the ``with`` block runs."""
-        sub = Subscription(principal, filters, Outbox(self._outbox_limit))
+        sub = Subscription(principal, filters, Outbox(self._outbox_limit), positions)
         if after is not None:
             self._replay(sub, after)
         if self.closing:
@@ -315,6 +349,32 @@ class Hub:
         data = json.dumps({"reason": "client-too-slow", "limit": self._outbox_limit})
         sub.outbox.close("overflow", sse.encode_event(OVERFLOW_EVENT, data))
         log.info("dropping slow client %s (outbox full)", sub.principal.access_key)
+
+    async def run_heartbeats(self, interval: float) -> None:
+        """Every client's heartbeat, from one task.
+
+        A timer per client (a cancel scope around each wait) costs every write a few
+        microseconds and every idle connection a deadline; one sweep a fraction of the
+        interval costs a pass over the clients instead, and nothing per write.
+        """
+        tick = max(interval / 4, 0.01)
+        while True:
+            await trio.sleep(tick)
+            now = time.monotonic()
+            due = now - interval
+            for bucket in self._buckets.values():
+                for sub in bucket:
+                    outbox = sub.outbox
+                    if outbox.last_activity > due or len(outbox) or outbox.closed:
+                        continue
+                    if sub.catchup is not None:
+                        continue
+                    # The heartbeat also carries the position when nothing is pending
+                    # for this client, so a narrow filter does not leave its cursor far
+                    # behind.
+                    position = self.position() if sub.positions and self.settled(sub) else None
+                    outbox.beat(sse.encode_position(position, "ping") if position else PING)
+                    outbox.last_activity = now
 
     def revoke(self, access_keys: set[str]) -> int:
         """Close the streams of credentials that were revoked or changed."""

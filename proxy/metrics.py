@@ -2,17 +2,23 @@
 
 The hot path only bumps plain integers on the hub and the bridge; this collector turns
 them into metric families when Prometheus asks. The delivery-latency histogram is the
-one metric observed as it happens: once per write, not once per event.
+one metric observed as it happens (once per write, not per event), into plain counts.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterator
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from .hub import Hub
@@ -25,29 +31,58 @@ _LATENCY_BUCKETS: Final = (
 )  # fmt: skip
 
 
+class LatencyHistogram:
+    """Bucket counts kept as plain integers: observing is a bisect and an add.
+
+    prometheus-client's Histogram takes a lock and walks its buckets on every
+    observation; this runs once per write to a client, so it stays minimal and is
+    turned into a metric family only at scrape time.
+    """
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        cumulative, buckets = 0, []
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.total)
+
+
 class Metrics:
     """Everything /metrics reports, with its own registry (no global state)."""
 
     def __init__(self, hub: Hub, bridge: UpstreamBridge) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.auth_failures: Counter[str] = Counter()
-        self.delivery_latency = Histogram(
-            "kep_delivery_latency_seconds",
-            "Time from an event being queued for a client to its write to the socket.",
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.registry.register(_Collector(hub, bridge, self.auth_failures))
+        self.delivery_latency = LatencyHistogram(_LATENCY_BUCKETS)
+        self.registry.register(_Collector(hub, bridge, self.auth_failures, self.delivery_latency))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _Collector(Collector):
-    def __init__(self, hub: Hub, bridge: UpstreamBridge, auth_failures: Counter[str]) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        bridge: UpstreamBridge,
+        auth_failures: Counter[str],
+        latency: LatencyHistogram,
+    ) -> None:
         self._hub = hub
         self._bridge = bridge
         self._auth_failures = auth_failures
+        self._latency = latency
 
     def collect(self) -> Iterator[Metric]:
         hub, bridge = self._hub, self._bridge
@@ -95,3 +130,7 @@ class _Collector(Collector):
         for reason, count in sorted(self._auth_failures.items()):
             failures.add_metric([reason], count)
         yield failures
+        yield self._latency.family(
+            "kep_delivery_latency_seconds",
+            "Time from an event being queued for a client to its write to the socket.",
+        )

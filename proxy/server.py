@@ -114,6 +114,7 @@ async def run_proxy(
             nursery.cancel_scope.cancel()
 
         nursery.start_soon(bridge.run)
+        nursery.start_soon(hub.run_heartbeats, settings.server.heartbeat_interval)
         if settings.auth.keypairs_file is not None:
             nursery.start_soon(_watch_keypairs, settings, keys, hub, lambda: reload_requests)
         binds: list[str] = await nursery.start(partial(serve_then_stop))
