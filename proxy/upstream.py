@@ -39,6 +39,12 @@ _LOG_ID_FIELD, _EVENTS_FIELD, _OLDEST_FIELD, _HEAD_FIELD = (
     for name in ("log_id", "events", "oldest_sequence", "head_sequence")
 )
 
+# Events published before client writers get to run. Publishing everything that has
+# piled up in one round is what lets a writer send many events in one write when the
+# proxy falls behind (a write costs far more than an event); the bound keeps a round
+# well inside a client's outbox (server.outbox_limit, default 4096).
+PUBLISH_ROUND: Final = 1024
+
 # Responses the thread may queue before it stops reading (gRPC flow control then
 # pushes back on the upstream instead of this process growing without bound).
 MAX_PENDING_RESPONSES: Final = 1024
@@ -306,11 +312,15 @@ class UpstreamBridge:
 
     async def _consume(self, pump: _Pump) -> None:
         while True:
+            published = 0
             for response in await pump.take():
                 self._apply(response)
-                # Let client writers drain between upstream batches, so a burst that
-                # piled up in the pump is not mistaken for a client being slow.
-                await trio.lowlevel.checkpoint()
+                published += len(response.events)
+                if published >= PUBLISH_ROUND:
+                    # Let client writers drain before publishing more, so a burst that
+                    # piled up in the pump is not mistaken for a client being slow.
+                    await trio.lowlevel.checkpoint()
+                    published = 0
 
     def _apply_all(self, responses: list[pb.SubscribeResponse]) -> None:
         for response in responses:
