@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
@@ -174,6 +175,7 @@ class Hub:
         self.last_sequence = 0
         self._pending: list[Subscription] = []
         self.closing = False
+        self.heartbeat_interval = 0.0  # set by run_heartbeats
         # Plain counters, read by the metrics collector at scrape time.
         self.clients = 0
         self.clients_by_role: Counter[str] = Counter()
@@ -195,6 +197,8 @@ class Hub:
     ) -> Iterator[Subscription]:
         """Register a client for as long as the ``with`` block runs."""
         sub = Subscription(principal, filters, Outbox(self._outbox_limit), positions)
+        if self.heartbeat_interval:
+            sub.outbox.last_activity -= random.random() * self.heartbeat_interval
         if after is not None:
             self._replay(sub, after)
         if self.closing:
@@ -357,7 +361,11 @@ class Hub:
         microseconds and every idle connection a deadline; one sweep a fraction of the
         interval costs a pass over the clients instead, and nothing per write.
         """
-        tick = max(interval / 4, 0.01)
+        self.heartbeat_interval = interval
+        # Clients that connected together would otherwise beat together: a burst of
+        # writes every interval. Each one's first beat comes somewhere in the first
+        # interval (see subscribe), and the sweep runs often enough to keep them apart.
+        tick = max(min(interval / 8, 1.0), 0.01)
         while True:
             await trio.sleep(tick)
             now = time.monotonic()
