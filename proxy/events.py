@@ -6,10 +6,11 @@ and ``client_payload`` the one place the wire JSON for SSE clients is decided.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any, Final
+
+import orjson
 
 from ._pb.kernel_events.v1 import events_pb2 as pb
 
@@ -23,6 +24,10 @@ _ENUM_BY_RESULT: Final = {v: k for k, v in _RESULT_BY_ENUM.items()}
 # Names are an open set, but they become an SSE `event:` line: nothing that could end
 # the line or be mistaken for framing may pass. Printable, no spaces, bounded.
 _NAME_RE: Final = re.compile(r"[\x21-\x7e]{1,128}")
+# The proxy's own stream notices (hub.GAP_EVENT, OVERFLOW_EVENT, SERVER_CLOSE_EVENT): an
+# upstream event by one of these names would pass for one (the official SDK stops
+# listening on server_close), so the upstream may not use them.
+RESERVED_NAMES: Final = frozenset({"stream_gap", "stream_overflow", "server_close"})
 # Events whose payload carries `result` even when the upstream left it unspecified.
 _TERMINATION_SUFFIXES: Final = ("_terminated", "_success", "_failure", "_cancelled")
 
@@ -64,12 +69,16 @@ class Event:
             payload["exitCode"] = self.exit_code
         return payload
 
+    def client_json_bytes(self) -> bytes:
+        """Compact UTF-8 JSON on one line (orjson escapes every control character)."""
+        return orjson.dumps(self.client_payload())
+
     def client_json(self) -> str:
-        return json.dumps(self.client_payload(), separators=(",", ":"), ensure_ascii=False)
+        return self.client_json_bytes().decode("utf-8")
 
 
 def valid_name(name: str) -> bool:
-    return _NAME_RE.fullmatch(name) is not None
+    return _NAME_RE.fullmatch(name) is not None and name not in RESERVED_NAMES
 
 
 def from_proto(msg: pb.LifecycleEvent) -> Event:

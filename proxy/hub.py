@@ -156,7 +156,9 @@ class Subscription:
 
 def encode(log_id: str, event: Event) -> bytes:
     """The one SSE frame for an upstream event, shared by every recipient."""
-    return sse.encode_event(event.name, event.client_json(), format_id(log_id, event.sequence))
+    return sse.encode_json_event(
+        event.name, event.client_json_bytes(), format_id(log_id, event.sequence)
+    )
 
 
 def gap_frame(reason: str, after: str | None, before: str | None) -> bytes:
