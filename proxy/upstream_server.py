@@ -74,15 +74,27 @@ class EventLog:
             events = self._events
             out: list[pb.LifecycleEvent] = []
             if events and self._head > after:
-                # Binary search would need random access by sequence; the deque is
-                # scanned from the right, which is short for live readers.
-                i = len(events)
-                while i > 0 and events[i - 1].sequence > after:
-                    i -= 1
+                i = self._position_after(after)
                 stop = min(len(events), i + limit)
                 out = [events[j] for j in range(i, stop)]
             oldest = events[0].sequence if events else self._head + 1
             return out, oldest, self._head
+
+    def _position_after(self, after: int) -> int:
+        """Index of the first retained event with a sequence greater than ``after``."""
+        events = self._events
+        # Sequences are consecutive unless a replay gave explicit ones with gaps, so
+        # the position is usually plain arithmetic; a reader far behind a burst must
+        # not pay for a scan of everything it is behind.
+        i = min(max(after - events[0].sequence + 1, 0), len(events))
+        if (i == 0 or events[i - 1].sequence <= after) and (
+            i == len(events) or events[i].sequence > after
+        ):
+            return i
+        i = len(events)
+        while i > 0 and events[i - 1].sequence > after:
+            i -= 1
+        return i
 
     def wake(self) -> None:
         with self._cond:

@@ -417,3 +417,15 @@ async def test_an_undecodable_event_does_not_kill_the_stream() -> None:
         assert got == [("kernel_started", "L:1"), ("stream_gap", None), ("kernel_started", "L:3")]
     finally:
         server.stop(0)
+
+
+@pytest.mark.parametrize(
+    "sequences",
+    [list(range(1, 21)), [1, 2, 5, 6, 7, 10, 11, 30], [100, 101, 102]],
+)
+def test_read_after_finds_the_position_with_and_without_gaps(sequences: list[int]) -> None:
+    log = EventLog(capacity=100)
+    log.append([lifecycle("kernel_started", "s", USER1, sequence=n) for n in sequences])
+    for after in range(0, sequences[-1] + 2):
+        events, _, _ = log.read_after(after, 1000, 0)
+        assert [e.sequence for e in events] == [n for n in sequences if n > after]
