@@ -109,6 +109,7 @@ def run(counts: list[int]) -> None:
         config.write_text(
             f'[server]\nbind = "127.0.0.1:{proxy_port}"\n'
             f'[upstream]\ntarget = "127.0.0.1:{up_port}"\n'
+            "[limits]\nmax_streams = 1000000\nmax_streams_per_key = 1000000\n"
             f'[[keypairs]]\naccess_key = "{KEY}"\nsecret_key = "{SECRET}"\n'
             'role = "superadmin"\nuser_id = "bench"\ndomain = "default"\n'
         )

@@ -1,0 +1,307 @@
+"""A load generator: one process holding many SSE connections, driven over stdin.
+
+    python -m bench.loadgen        (started by the harness; commands are JSON lines)
+
+Clients are bare asyncio protocols (uvloop when it is installed) that parse no more
+than they must: a delivery is a line starting ``event: kernel_`` (every upstream event
+is a lifecycle event, on every system), counted with ``bytes.count`` over complete
+lines; with latency on, the ``t=<send time>`` stamps in those lines are read too and
+``time.time()`` at receipt minus the stamp goes into a mergeable histogram.
+
+Commands: ``connect`` (open N streams and keep them), ``reset`` (zero the counters),
+``report``, ``churn`` (connect, read the response head, close; N times), ``close``.
+Requests to this proxy are signed with ``proxy.signing.sign_headers``, once per
+connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import re
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any, Final, cast
+
+from proxy.signing import sign_headers
+
+from .common import (
+    DELIVERY_MARK,
+    HOST,
+    OVERFLOW_MARK,
+    SUPER_KEY,
+    SUPER_SECRET,
+    Json,
+    command_loop,
+    latency_bucket,
+    raise_fd_limit,
+    self_cpu_seconds,
+    user_key,
+    user_secret,
+)
+
+_STAMP_RE: Final = re.compile(rb"t=(\d+\.\d+)")
+_HEAD_END: Final = b"\r\n\r\n"
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.latency = False
+        self.reset(False)
+
+    def reset(self, latency: bool) -> None:
+        self.latency = latency
+        self.deliveries = 0
+        self.overflows = 0
+        self.first = 0.0
+        self.last = 0.0
+        self.hist: dict[int, int] = {}
+
+    def on_lines(self, lines: bytes, now: float) -> None:
+        n = lines.count(b"\n" + DELIVERY_MARK) + lines.startswith(DELIVERY_MARK)
+        if OVERFLOW_MARK in lines:
+            self.overflows += lines.count(OVERFLOW_MARK)
+        if not n:
+            return
+        self.deliveries += n
+        if not self.first:
+            self.first = now
+        self.last = now
+        if self.latency:
+            hist = self.hist
+            for stamp in _STAMP_RE.findall(lines):
+                bucket = latency_bucket(now - float(stamp))
+                hist[bucket] = hist.get(bucket, 0) + 1
+
+
+def build_request(port: int, path: str, auth: str, index: int) -> bytes:
+    """One GET; ``path`` may hold ``{ak}`` (the index's user key); ``auth`` is
+    ``none``, ``super`` or ``user`` (this proxy's HMAC signature, made here)."""
+    host = f"{HOST}:{port}"
+    target = path.format(ak=user_key(index))
+    lines = [f"GET {target} HTTP/1.1", f"Host: {host}", "Accept: text/event-stream"]
+    if auth != "none":
+        access, secret = (
+            (SUPER_KEY, SUPER_SECRET) if auth == "super" else (user_key(index), user_secret(index))
+        )
+        headers = sign_headers(
+            method="GET",
+            raw_target=target,
+            host=host,
+            access_key=access,
+            secret_key=secret,
+            date=datetime.now(UTC),
+        )
+        lines.extend(f"{k}: {v}" for k, v in headers.items())
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+class StreamClient(asyncio.Protocol):
+    """One held SSE stream: parses the response head, then counts deliveries."""
+
+    def __init__(self, stats: Stats, request: bytes, lost: list[int]) -> None:
+        self.stats = stats
+        self.request = request
+        self.lost = lost
+        self.head = b""
+        self.rest = b""
+        self.ready: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time()
+        if not self.ready.done():
+            self.head += data
+            end = self.head.find(_HEAD_END)
+            if end < 0:
+                return
+            ok = self.head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200"))
+            data, self.head = self.head[end + 4 :], b""
+            self.ready.set_result(ok)
+            if not ok:
+                assert self.transport is not None
+                self.transport.close()
+                return
+        buf = self.rest + data if self.rest else data
+        cut = buf.rfind(b"\n") + 1
+        if cut == 0:
+            self.rest = buf
+            return
+        self.rest = buf[cut:]
+        self.stats.on_lines(buf[:cut] if cut < len(buf) else buf, now)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ready.done():
+            self.ready.set_result(False)
+        self.lost[0] += 1
+
+
+def _same(client: ChurnClient) -> ChurnClient:
+    return client
+
+
+class ChurnClient(asyncio.Protocol):
+    """Connect, send the request, read the response head, close (FIN)."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.head = b""
+        self.done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        if self.done.done():
+            return
+        self.head += data
+        if _HEAD_END in self.head:
+            self.done.set_result(self.head.startswith(b"HTTP/1.1 200"))
+            assert self.transport is not None
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(False)
+
+
+class LoadGen:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.stats = Stats()
+        self.clients: list[StreamClient] = []
+        self.lost = [0]
+        self.failed = 0
+
+    async def handle(self, cmd: Json) -> Json:
+        op = cmd["op"]
+        if op == "connect":
+            return await self.connect(cmd)
+        if op == "reset":
+            self.stats.reset(bool(cmd.get("latency", False)))
+            return {"ok": True, "cpu": self_cpu_seconds()}
+        if op == "report":
+            return self.report(bool(cmd.get("hist", False)))
+        if op == "churn":
+            return await self.churn(cmd)
+        if op == "close":
+            for client in self.clients:
+                if client.transport is not None:
+                    client.transport.close()
+            self.clients.clear()
+            await asyncio.sleep(0.2)
+            return {"ok": True}
+        raise ValueError(f"unknown op {op!r}")
+
+    def report(self, hist: bool) -> Json:
+        s = self.stats
+        out: dict[str, Any] = {
+            "deliveries": s.deliveries,
+            "overflows": s.overflows,
+            "first": s.first,
+            "last": s.last,
+            "held": len(self.clients),
+            "lost": self.lost[0],
+            "failed": self.failed,
+            "cpu": self_cpu_seconds(),
+        }
+        if hist:
+            out["hist"] = {str(k): v for k, v in s.hist.items()}
+        return out
+
+    async def connect(self, cmd: Json) -> Json:
+        port, path, auth = int(cmd["port"]), str(cmd["path"]), str(cmd.get("auth", "none"))
+        start, count = int(cmd.get("start", 0)), int(cmd["count"])
+        limiter = asyncio.Semaphore(int(cmd.get("concurrency", 100)))
+        deadline = time.monotonic() + float(cmd.get("timeout", 120))
+        began = time.monotonic()
+        ok = 0
+
+        async def one(i: int) -> None:
+            nonlocal ok
+            async with limiter:
+                if time.monotonic() > deadline:
+                    self.failed += 1
+                    return
+                client = StreamClient(self.stats, build_request(port, path, auth, i), self.lost)
+                try:
+                    await asyncio.wait_for(
+                        self.loop.create_connection(lambda: client, HOST, port), 30
+                    )
+                    good = await asyncio.wait_for(client.ready, 30)
+                except (OSError, TimeoutError):
+                    good = False
+                if good:
+                    ok += 1
+                    self.clients.append(client)
+                else:
+                    self.failed += 1
+                    if client.transport is not None:
+                        client.transport.close()
+
+        await asyncio.gather(*(one(i) for i in range(start, start + count)))
+        return {"connected": ok, "held": len(self.clients), "elapsed": time.monotonic() - began}
+
+    async def churn(self, cmd: Json) -> Json:
+        port, path, auth = int(cmd["port"]), str(cmd["path"]), str(cmd.get("auth", "none"))
+        cycles = int(cmd["cycles"])
+        deadline = time.monotonic() + float(cmd.get("timeout", 60))
+        started = 0
+        done = 0
+        failed = 0
+
+        async def worker(w: int) -> None:
+            nonlocal started, done, failed
+            while started < cycles and time.monotonic() < deadline:
+                i = started
+                started += 1
+                client = ChurnClient(build_request(port, path, auth, i))
+                try:
+                    await asyncio.wait_for(
+                        self.loop.create_connection(functools.partial(_same, client), HOST, port),
+                        10,
+                    )
+                    good = await asyncio.wait_for(client.done, 10)
+                except (OSError, TimeoutError):
+                    good = False
+                    if client.transport is not None:
+                        client.transport.close()
+                if good:
+                    done += 1
+                else:
+                    failed += 1
+
+        began = time.monotonic()
+        await asyncio.gather(*(worker(w) for w in range(int(cmd.get("concurrency", 32)))))
+        return {"cycles": done, "failed": failed, "elapsed": time.monotonic() - began}
+
+
+def main() -> None:
+    raise_fd_limit()
+    try:
+        import uvloop
+    except ImportError:  # the smoke test runs without the bench extra
+        loop = asyncio.new_event_loop()
+    else:
+        loop = uvloop.new_event_loop()
+    gen = LoadGen(loop)
+    thread = threading.Thread(target=loop.run_forever, name="loadgen-loop", daemon=True)
+    thread.start()
+
+    def handle(cmd: Json) -> Json:
+        return asyncio.run_coroutine_threadsafe(gen.handle(cmd), loop).result()
+
+    command_loop(handle)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The systems compared with this proxy, and the bare gRPC drain (the upstream limit)."""

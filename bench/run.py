@@ -1,0 +1,713 @@
+"""The benchmark harness: every scenario against every system, one command.
+
+    python -m bench.run [--quick | --smoke] [--systems proxy,aiohttp,...]
+                        [--scenarios ingest,fanout,...] [--out bench/out] [--profile]
+
+One upstream (``bench.upstream_driver``: the project's gRPC server over an EventLog,
+fed with a fixed generated event set) feeds every system. Load generators
+(``bench.loadgen``) are separate processes; on this 2-core machine the system under
+test, the upstream and the load generators share the cores, so throughput is what
+the system achieves while they all run, and CPU cost is read from /proc for the
+system's own processes only. Writes ``results.json``, ``results.md`` and
+``benchmarks.png`` under ``--out``; see docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Final
+
+from . import report
+from .common import (
+    Json,
+    merge_histograms,
+    percentile,
+    raise_fd_limit,
+    write_replay_file,
+)
+from .procs import ROOT, Child, ChildError, call_all
+from .profiling import Profiler
+from .systems import SYSTEMS, Paths, System
+
+SCENARIOS: Final = ("ingest", "fanout", "selective", "connections", "churn")
+
+
+@dataclass(frozen=True)
+class Scale:
+    ingest_events: int
+    fanout_clients: int
+    fanout_rate: float  # events per second in the latency phase
+    fanout_seconds: float
+    fanout_burst: int  # events in the throughput phase (below the outbox limit, 4096)
+    selective_users: int
+    selective_burst: int
+    nonmatching_small: int
+    nonmatching_rate: float
+    nonmatching_seconds: float
+    connection_counts: tuple[int, ...]
+    churn_cycles: int
+    churn_concurrency: int
+    drain_timeout: float  # how long a phase may take after its last event was sent
+    clients_per_loadgen: int
+    settle: float  # multiplies every pause that lets a system settle before measuring
+    budget: float  # seconds for the whole run; later scenarios are skipped past it
+
+
+FULL: Final = Scale(
+    ingest_events=300_000,
+    fanout_clients=1000,
+    fanout_rate=100.0,
+    fanout_seconds=10.0,
+    fanout_burst=2000,
+    selective_users=10_000,
+    selective_burst=20_000,
+    nonmatching_small=10,
+    nonmatching_rate=1000.0,
+    nonmatching_seconds=5.0,
+    connection_counts=(1000, 10_000),
+    churn_cycles=10_000,
+    churn_concurrency=64,
+    drain_timeout=20.0,
+    clients_per_loadgen=5000,
+    settle=1.0,
+    budget=19 * 60,
+)
+QUICK: Final = Scale(
+    ingest_events=30_000,
+    fanout_clients=200,
+    fanout_rate=100.0,
+    fanout_seconds=1.5,
+    fanout_burst=500,
+    selective_users=500,
+    selective_burst=2000,
+    nonmatching_small=10,
+    nonmatching_rate=500.0,
+    nonmatching_seconds=1.2,
+    connection_counts=(200, 1000),
+    churn_cycles=500,
+    churn_concurrency=32,
+    drain_timeout=3.0,
+    clients_per_loadgen=5000,
+    settle=0.25,
+    budget=110,
+)
+SMOKE: Final = Scale(
+    ingest_events=2000,
+    fanout_clients=5,
+    fanout_rate=50.0,
+    fanout_seconds=1.0,
+    fanout_burst=100,
+    selective_users=20,
+    selective_burst=100,
+    nonmatching_small=2,
+    nonmatching_rate=100.0,
+    nonmatching_seconds=1.0,
+    connection_counts=(20, 40),
+    churn_cycles=50,
+    churn_concurrency=4,
+    drain_timeout=5.0,
+    clients_per_loadgen=5000,
+    settle=0.1,
+    budget=120,
+)
+MODES: Final = {"full": FULL, "quick": QUICK, "smoke": SMOKE}
+
+
+class Skipped(Exception):
+    pass
+
+
+class Clients:
+    """The load generators of one scenario (or the gRPC drain, its own client)."""
+
+    def __init__(self, children: list[Child], drain: bool = False) -> None:
+        self.children = children
+        self.drain = drain
+        self.held = 0
+
+    def connect(self, paths: Paths, *, which: str, start: int, count: int) -> float:
+        """Open ``count`` streams (users ``start``..) spread over the generators."""
+        if self.drain or count <= 0:
+            return 0.0
+        path = paths.all_path if which == "all" else paths.user_path
+        auth = paths.auth_all if which == "all" else paths.auth_user
+        k = len(self.children)
+        shares = [count // k + (1 if i < count % k else 0) for i in range(k)]
+        cmds: list[Json] = []
+        first = start
+        for share in shares:
+            cmds.append(
+                {
+                    "op": "connect",
+                    "port": paths.port,
+                    "path": path,
+                    "auth": auth,
+                    "start": first,
+                    "count": share,
+                    "concurrency": 100,
+                    "timeout": max(60.0, count / 100),
+                }
+            )
+            first += share
+        began = time.monotonic()
+        answers = call_all(self.children, cmds, timeout=max(120.0, count / 50))
+        connected = sum(int(a["connected"]) for a in answers)
+        self.held += connected
+        if connected < count:
+            raise ChildError(f"only {connected} of {count} streams connected")
+        return time.monotonic() - began
+
+    def close(self) -> None:
+        if not self.drain:
+            call_all(self.children, [{"op": "close"}] * len(self.children))
+        self.held = 0
+
+    def reset(self, latency: bool) -> float:
+        answers = call_all(
+            self.children, [{"op": "reset", "latency": latency}] * len(self.children)
+        )
+        return sum(float(a["cpu"]) for a in answers)
+
+    def report(self, hist: bool = False) -> Json:
+        answers = call_all(self.children, [{"op": "report", "hist": hist}] * len(self.children))
+        firsts = [a["first"] for a in answers if a["first"]]
+        return {
+            "deliveries": sum(a["deliveries"] for a in answers),
+            "overflows": sum(a["overflows"] for a in answers),
+            "first": min(firsts) if firsts else 0.0,
+            "last": max(a["last"] for a in answers),
+            "lost": sum(a["lost"] for a in answers),
+            "cpu": sum(a["cpu"] for a in answers),
+            "hist": merge_histograms(a.get("hist", {}) for a in answers),
+        }
+
+    def stop(self) -> None:
+        if not self.drain:
+            for child in self.children:
+                child.stop()
+
+
+class Bench:
+    def __init__(
+        self, scale: Scale, mode: str, out: Path, profile: bool, native: bool = False
+    ) -> None:
+        self.scale = scale
+        self.mode = mode
+        self.out = out
+        self.work = out / "work"
+        self.logs = self.work / "logs"
+        self.started = time.monotonic()
+        self.profiler = Profiler(out / "profiles", native) if profile or native else None
+        self.driver: Child | None = None
+        self.results: dict[str, Json] = {}
+        self.notes: list[str] = []
+        self.machine = machine()
+
+    # -- processes -------------------------------------------------------------------
+
+    def start_upstream(self) -> str:
+        replay = write_replay_file(
+            self.work / f"ingest-{self.scale.ingest_events}.jsonl", self.scale.ingest_events
+        )
+        self.driver = Child(
+            "upstream",
+            [
+                sys.executable,
+                "-m",
+                "bench.upstream_driver",
+                "--listen",
+                "127.0.0.1:0",
+                "--replay",
+                str(replay),
+            ],
+            self.logs,
+        )
+        hello = self.driver.expect(120)
+        return str(hello["target"])
+
+    def clients(self, system: System, connections: int) -> Clients:
+        if system.key == "grpc":
+            return Clients(system.procs[:1], drain=True)
+        k = max(1, math.ceil(connections / self.scale.clients_per_loadgen))
+        return Clients(
+            [
+                Child(
+                    f"loadgen-{system.key}-{i}", [sys.executable, "-m", "bench.loadgen"], self.logs
+                )
+                for i in range(k)
+            ]
+        )
+
+    def pause(self, seconds: float) -> None:
+        time.sleep(seconds * self.scale.settle)
+
+    def remaining(self) -> float:
+        return self.scale.budget - (time.monotonic() - self.started)
+
+    # -- one measured phase ------------------------------------------------------------
+
+    def phase(
+        self,
+        name: str,
+        system: System,
+        clients: Clients,
+        send: Json,
+        *,
+        expected: int,
+        per_event: int,
+        send_seconds: float,
+        latency: bool = False,
+    ) -> Json:
+        """Send events, wait until every client got what it should (or time is up)."""
+        assert self.driver is not None
+        lg0 = clients.reset(latency)
+        cpu0, t0 = system.cpu(), time.time()
+        if self.profiler is not None and system.key == "proxy":
+            self.profiler.start(system.pids()[0], f"{self.mode}-{name}")
+        self.driver.call(send)
+        deadline = t0 + send_seconds + self.scale.drain_timeout
+        state = clients.report()
+        while state["deliveries"] < expected and time.time() < deadline:
+            time.sleep(0.1)
+            state = clients.report()
+        t1, cpu1 = time.time(), system.cpu()
+        if self.profiler is not None:
+            self.profiler.stop()
+        sent = self.driver.call({"op": "wait", "timeout": 60}, 90)
+        final = clients.report(hist=latency)
+        delivered = int(final["deliveries"])
+        elapsed = (final["last"] - sent["first"]) if delivered else (t1 - t0)
+        cpu = cpu1 - cpu0
+        events_done = delivered / per_event if per_event else 0.0
+        out: Json = {
+            "events_sent": sent["count"],
+            "expected": expected,
+            "delivered": delivered,
+            "complete": delivered >= expected,
+            "overflows": final["overflows"],
+            "lost_connections": final["lost"],
+            "send_seconds": sent["last"] - sent["first"],
+            "elapsed": elapsed,
+            "deliveries_per_s": delivered / elapsed if elapsed > 0 else 0.0,
+            "events_per_s": events_done / elapsed if elapsed > 0 else 0.0,
+            "sut_cpu_s": cpu,
+            "sut_cpu_util": cpu / (t1 - t0),
+            "cpu_us_per_event": cpu / events_done * 1e6 if events_done else None,
+            "cpu_us_per_delivery": cpu / delivered * 1e6 if delivered else None,
+            "loadgen_cpu_util": (final["cpu"] - lg0) / (t1 - t0),
+        }
+        if latency:
+            hist = final["hist"]
+            for q, key in ((0.5, "p50_ms"), (0.99, "p99_ms"), (0.999, "p999_ms")):
+                value = percentile(hist, q)
+                out[key] = value * 1e3 if value is not None else None
+        log(
+            f"  {name}: {delivered}/{expected} delivered in {elapsed:.2f}s "
+            f"({out['deliveries_per_s']:,.0f}/s), SUT CPU {cpu:.2f}s"
+            + (f", p99 {out.get('p99_ms') or 0:.1f} ms" if latency else "")
+        )
+        return out
+
+    def idle_cpu(self, system: System, seconds: float) -> float:
+        cpu0, t0 = system.cpu(), time.monotonic()
+        time.sleep(seconds)
+        return (system.cpu() - cpu0) / (time.monotonic() - t0)
+
+    # -- scenarios -------------------------------------------------------------------
+
+    def ingest(self, system: System) -> Json:
+        """As fast as it goes (batches of 512), then paced (one event per message)."""
+        s = self.scale
+        n = s.ingest_events
+        paths = system.start(users=0, route="all")
+        clients = self.clients(system, 1)
+        try:
+            clients.connect(paths, which="all", start=0, count=1)
+            self.pause(0.3)
+            result = self.phase(
+                "ingest",
+                system,
+                clients,
+                {"op": "ingest", "count": n},
+                expected=n,
+                per_event=1,
+                send_seconds=max(10.0, n / 20_000),
+            )
+            if not result["complete"]:
+                paths = self.restart(system, clients, users=0, route="all", which="all", count=1)
+            count = int(s.nonmatching_rate * s.nonmatching_seconds)
+            result["paced"] = self.phase(
+                "ingest-paced",
+                system,
+                clients,
+                {"op": "send", "kind": "all", "count": count, "rate": s.nonmatching_rate},
+                expected=count,
+                per_event=1,
+                send_seconds=s.nonmatching_seconds,
+            )
+        finally:
+            clients.stop()
+        return result
+
+    def fanout(self, system: System) -> Json:
+        s = self.scale
+        n = s.fanout_clients
+        paths = system.start(users=0, route="all")
+        clients = self.clients(system, n)
+        try:
+            connect_s = clients.connect(paths, which="all", start=0, count=n)
+            self.pause(1.0)
+            count = int(s.fanout_rate * s.fanout_seconds)
+            lat = self.phase(
+                "fanout-latency",
+                system,
+                clients,
+                {"op": "send", "kind": "all", "count": count, "rate": s.fanout_rate},
+                expected=count * n,
+                per_event=n,
+                send_seconds=s.fanout_seconds,
+                latency=True,
+            )
+            if not lat["complete"]:
+                paths = self.restart(system, clients, users=0, route="all", which="all", count=n)
+            burst = self.phase(
+                "fanout-burst",
+                system,
+                clients,
+                {"op": "send", "kind": "all", "count": s.fanout_burst, "rate": 0},
+                expected=s.fanout_burst * n,
+                per_event=n,
+                send_seconds=1.0,
+            )
+        finally:
+            clients.stop()
+        return {"clients": n, "connect_s": connect_s, "latency": lat, "burst": burst}
+
+    def selective(self, system: System) -> Json:
+        s = self.scale
+        users = s.selective_users + 1  # user 0 matches; the others are the non-matching
+        paths = system.start(users=users, route="owner")
+        clients = self.clients(system, users)
+        nm_count = int(s.nonmatching_rate * s.nonmatching_seconds)
+        nm_send: Json = {
+            "op": "send",
+            "kind": "one",
+            "count": nm_count,
+            "rate": s.nonmatching_rate,
+        }
+        try:
+            small = s.nonmatching_small
+            clients.connect(paths, which="user", start=0, count=small + 1)
+            self.pause(1.0)
+            idle_small = self.idle_cpu(system, 3.0 * self.scale.settle)
+            nm_small = self.phase(
+                f"nonmatching-{small}",
+                system,
+                clients,
+                nm_send,
+                expected=nm_count,
+                per_event=1,
+                send_seconds=s.nonmatching_seconds,
+            )
+            connect_s = clients.connect(
+                paths, which="user", start=small + 1, count=users - small - 1
+            )
+            self.pause(2.0)
+            idle_large = self.idle_cpu(system, 3.0 * self.scale.settle)
+            nm_large = self.phase(
+                f"nonmatching-{users - 1}",
+                system,
+                clients,
+                nm_send,
+                expected=nm_count,
+                per_event=1,
+                send_seconds=s.nonmatching_seconds,
+            )
+            if not nm_large["complete"]:
+                paths = self.restart(
+                    system, clients, users=users, route="owner", which="user", count=users
+                )
+            spread = self.phase(
+                "selective-spread",
+                system,
+                clients,
+                {
+                    "op": "send",
+                    "kind": "users",
+                    "count": s.selective_burst,
+                    "rate": 0,
+                    "users": users,
+                },
+                expected=s.selective_burst,
+                per_event=1,
+                send_seconds=1.0,
+            )
+        finally:
+            clients.stop()
+        for phase_result, idle in ((nm_small, idle_small), (nm_large, idle_large)):
+            phase_result["idle_cpu_util"] = idle
+            done = phase_result["delivered"]
+            net = phase_result["sut_cpu_s"] - idle * phase_result["elapsed"]
+            phase_result["cpu_us_per_event_net_of_idle"] = net / done * 1e6 if done else None
+        small_cpu, large_cpu = nm_small["cpu_us_per_event"], nm_large["cpu_us_per_event"]
+        return {
+            "users": users,
+            "connect_s": connect_s,
+            "spread": spread,
+            "nonmatching_small": {"clients": s.nonmatching_small, **nm_small},
+            "nonmatching_large": {"clients": users - 1, **nm_large},
+            "cpu_ratio_large_vs_small": (
+                large_cpu / small_cpu if small_cpu and large_cpu else None
+            ),
+        }
+
+    def connections(self, system: System) -> Json:
+        counts = self.scale.connection_counts
+        paths = system.start(users=0, route="all")
+        clients = self.clients(system, max(counts) + 10)
+        points: list[Json] = []
+        try:
+            clients.connect(paths, which="all", start=0, count=10)  # warm-up
+            self.pause(1.0)
+            base = system.rss()
+            held = 0
+            for n in counts:
+                seconds = clients.connect(paths, which="all", start=10 + held, count=n - held)
+                connect_rate = (n - held) / seconds if seconds else 0.0
+                held = n
+                self.pause(2.0 if n < 5000 else 4.0)
+                rss = system.rss()
+                points.append(
+                    {
+                        "connections": n,
+                        "rss_kib": rss,
+                        "kib_per_connection": (rss - base) / n,
+                        "connects_per_s": connect_rate,
+                    }
+                )
+                log(f"  {n} idle: RSS {rss / 1024:.1f} MiB, {(rss - base) / n:.1f} KiB each")
+        finally:
+            clients.stop()
+        return {"baseline_rss_kib": base, "points": points}
+
+    def churn(self, system: System) -> Json:
+        s = self.scale
+        paths = system.start(users=0, route="all")
+        clients = self.clients(system, s.churn_concurrency)
+        cmd: Json = {
+            "op": "churn",
+            "port": paths.port,
+            "path": paths.all_path,
+            "auth": paths.auth_all,
+            "concurrency": s.churn_concurrency,
+        }
+        gen = clients.children[0]
+        try:
+            gen.call(cmd | {"cycles": min(200, s.churn_cycles), "timeout": 30}, 60)  # warm-up
+            self.pause(1.0)
+            rss0, cpu0 = system.rss(), system.cpu()
+            timeout = max(60.0, min(240.0, self.remaining() - 30))
+            answer = gen.call(cmd | {"cycles": s.churn_cycles, "timeout": timeout}, timeout + 30)
+            cpu = system.cpu() - cpu0
+            self.pause(2.0)
+            rss1 = system.rss()
+        finally:
+            clients.stop()
+        cycles = int(answer["cycles"])
+        out: Json = {
+            "cycles": cycles,
+            "failed": answer["failed"],
+            "elapsed": answer["elapsed"],
+            "cycles_per_s": cycles / answer["elapsed"] if answer["elapsed"] else 0.0,
+            "rss_before_kib": rss0,
+            "rss_after_kib": rss1,
+            "rss_growth_mib": (rss1 - rss0) / 1024,
+            "cpu_us_per_cycle": cpu / cycles * 1e6 if cycles else None,
+        }
+        log(
+            f"  churn: {cycles} cycles ({answer['failed']} failed) "
+            f"at {out['cycles_per_s']:,.0f}/s, "
+            f"RSS {rss0 / 1024:.1f} -> {rss1 / 1024:.1f} MiB"
+        )
+        return out
+
+    def restart(
+        self, system: System, clients: Clients, *, users: int, route: str, which: str, count: int
+    ) -> Paths:
+        """A phase left a backlog (unbounded queues): start clean for the next one."""
+        log(f"  {system.key} still has a backlog: restarting it and reconnecting {count}")
+        clients.close()
+        system.stop()
+        paths = system.start(users=users, route=route)
+        if clients.drain:
+            clients.children = system.procs[:1]
+        clients.connect(paths, which=which, start=0, count=count)
+        self.pause(1.0)
+        return paths
+
+    # -- the whole run ---------------------------------------------------------------
+
+    def run(self, systems: Sequence[str], scenarios: Sequence[str]) -> Json:
+        upstream = self.start_upstream()
+        log(f"upstream ready ({time.monotonic() - self.started:.1f}s)")
+        runners: dict[str, Callable[[System], Json]] = {
+            "ingest": self.ingest,
+            "fanout": self.fanout,
+            "selective": self.selective,
+            "connections": self.connections,
+            "churn": self.churn,
+        }
+        try:
+            for key in systems:
+                cls = SYSTEMS[key]
+                self.results[key] = {}
+                why = cls.missing()
+                if why:
+                    self.results[key]["skipped"] = why
+                    log(f"{key}: skipped ({why})")
+                    continue
+                for scenario in scenarios:
+                    if scenario not in cls.scenarios:
+                        continue
+                    if self.remaining() < 10:
+                        self.results[key][scenario] = {"skipped": "time budget exhausted"}
+                        self.notes.append(f"{key}/{scenario} skipped: time budget exhausted")
+                        continue
+                    system = cls(self.work, upstream)
+                    log(f"{key}: {scenario}")
+                    assert self.driver is not None
+                    self.driver.call({"op": "trim"})  # the same, empty upstream log for all
+                    began = time.monotonic()
+                    version = proxy_sources_digest() if key == "proxy" else None
+                    try:
+                        self.results[key][scenario] = runners[scenario](system)
+                        self.results[key][scenario]["duration_s"] = time.monotonic() - began
+                        if version:
+                            self.results[key][scenario]["proxy_sources_sha256"] = version
+                    except (ChildError, OSError, KeyError, ValueError) as exc:
+                        self.results[key][scenario] = {"error": str(exc)}
+                        self.notes.append(f"{key}/{scenario} failed: {exc}")
+                        log(f"  error: {exc}")
+                    finally:
+                        system.stop()
+                        log(f"  ({time.monotonic() - began:.1f}s)")
+        finally:
+            if self.driver is not None:
+                self.driver.stop()
+        return self.document(systems)
+
+    def document(self, systems: Sequence[str]) -> Json:
+        return {
+            "mode": self.mode,
+            "scale": asdict(self.scale),
+            "elapsed_s": time.monotonic() - self.started,
+            "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "machine": self.machine,
+            "systems": {
+                key: {
+                    "label": SYSTEMS[key].label,
+                    "auth": SYSTEMS[key].auth,
+                    "filtering": SYSTEMS[key].filtering,
+                }
+                for key in systems
+            },
+            "results": self.results,
+            "notes": self.notes,
+            "profiles": self.profiler.summaries if self.profiler else {},
+        }
+
+
+def proxy_sources_digest() -> str:
+    """Which proxy was measured: a digest of its sources (the tree may be uncommitted)."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "proxy").rglob("*.py")):
+        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def machine() -> Json:
+    info: dict[str, Any] = {
+        "cpus": _cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "proxy_sources_sha256_at_start": proxy_sources_digest(),
+        "load_average_at_start": list(os.getloadavg()),
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
+
+
+def _cpu_count() -> int:
+    return os.cpu_count() or 0
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__.splitlines()[0]
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_const", const="quick", dest="mode")
+    mode.add_argument("--smoke", action="store_const", const="smoke", dest="mode")
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument("--budget", type=float, help="seconds for the whole run")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="record this proxy with py-spy during every phase (slows it down a little)",
+    )
+    parser.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="as --profile, with C frames (shows garbage collection, socket calls)",
+    )
+    args = parser.parse_args(argv)
+    mode_name = args.mode or "full"
+    scale = MODES[mode_name]
+    if args.budget:
+        scale = replace(scale, budget=args.budget)
+    systems = [s for s in args.systems.split(",") if s]
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    unknown = sorted(set(systems) - set(SYSTEMS)) + sorted(set(scenarios) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown system or scenario: {', '.join(unknown)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    raise_fd_limit()
+    bench = Bench(scale, mode_name, args.out, args.profile, args.profile_native)
+    doc = bench.run(systems, scenarios)
+    doc["targets"] = report.targets(doc)
+    (args.out / "results.json").write_text(json.dumps(doc, indent=2))
+    table = report.markdown(doc)
+    (args.out / "results.md").write_text(table)
+    print(table)
+    if not args.no_plot:
+        png = report.plot(doc, args.out / "benchmarks.png")
+        log(f"plot: {png}" if png else "plot: matplotlib is not installed, skipped")
+    log(f"results: {args.out / 'results.json'} ({doc['elapsed_s']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

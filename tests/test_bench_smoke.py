@@ -1,0 +1,89 @@
+"""The benchmark harness at a tiny scale, so that it cannot rot (docs/benchmarks.md).
+
+Runs ``python -m bench.run --smoke`` against this proxy and the bare gRPC drain (the
+two systems that need no bench-only package) with real processes on loopback, and
+checks that every scenario produced sane numbers. The real benchmark is
+``make bench``; it is never part of ``make test``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_harness_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.run",
+            "--smoke",
+            "--systems",
+            "proxy,grpc",
+            "--out",
+            str(out),
+            "--no-plot",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    doc: dict[str, Any] = json.loads((out / "results.json").read_text())
+    scale = doc["scale"]
+    assert not doc["notes"], doc["notes"]
+    proxy, grpc = doc["results"]["proxy"], doc["results"]["grpc"]
+
+    ingest = proxy["ingest"]
+    assert ingest["complete"]
+    assert ingest["delivered"] == scale["ingest_events"]
+    assert 1_000 < ingest["events_per_s"] < 10_000_000
+    assert ingest["sut_cpu_s"] >= 0  # CPU time comes in 10 ms ticks: a tiny run may read 0
+    assert ingest["paced"]["complete"]
+    assert grpc["ingest"]["complete"]
+    assert grpc["ingest"]["events_per_s"] > 1_000
+
+    fanout = proxy["fanout"]
+    latency, burst = fanout["latency"], fanout["burst"]
+    assert latency["complete"]
+    assert burst["complete"]
+    assert (
+        latency["delivered"]
+        == latency["expected"]
+        == int(scale["fanout_rate"] * scale["fanout_seconds"]) * scale["fanout_clients"]
+    )
+    assert 0 < latency["p50_ms"] <= latency["p99_ms"] < 5_000
+    assert burst["deliveries_per_s"] > 1_000
+    assert burst["overflows"] == 0
+
+    selective = proxy["selective"]
+    assert selective["spread"]["complete"]
+    assert selective["spread"]["delivered"] == scale["selective_burst"]
+    for key in ("nonmatching_small", "nonmatching_large"):
+        assert selective[key]["complete"]
+        assert selective[key]["cpu_us_per_event"] >= 0
+    ratio = selective["cpu_ratio_large_vs_small"]
+    assert ratio is None or ratio > 0
+
+    points = proxy["connections"]["points"]
+    assert [p["connections"] for p in points] == scale["connection_counts"]
+    assert all(1 < p["kib_per_connection"] < 1_000 for p in points)
+
+    churn = proxy["churn"]
+    assert churn["cycles"] == scale["churn_cycles"]
+    assert churn["failed"] == 0
+    assert churn["cycles_per_s"] > 0
+
+    statuses = {t["name"]: t["status"] for t in doc["targets"]}
+    assert len(statuses) == 8
+    assert set(statuses.values()) <= {"PASS", "FAIL", "N/A"}
+    assert "| ingest: events/s" in (out / "results.md").read_text()
