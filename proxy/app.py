@@ -12,17 +12,25 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, cast
 from urllib.parse import parse_qs
 
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
+from werkzeug.sansio.utils import get_host
 
 from . import __version__, sse
 from .config import Settings
 from .eventid import Cursor, InvalidEventId, parse_id
 from .hub import Hub, Subscription, encode, gap_frame
+from .limits import (
+    RateLimiter,
+    StreamLimitExceeded,
+    StreamSlots,
+    client_address,
+    parse_networks,
+)
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import DOCUMENT as OPENAPI
@@ -30,7 +38,15 @@ from .policy import Filters, PolicyError, Principal, resolve_filters, visible
 from .sessions import authenticate_browser
 from .signing import AuthError, Keypair, verify
 from .upstream import Fetched, UpstreamBridge
-from .web import Cors, browser_blueprint, jwt_verifier, prefers_html, session_codec, ui_response
+from .web import (
+    Cors,
+    LoginLimits,
+    browser_blueprint,
+    jwt_verifier,
+    prefers_html,
+    session_codec,
+    ui_response,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +59,35 @@ Fetch = Callable[[str, int, int], Awaitable[Fetched]]
 _SINGLE_HEADERS: Final = frozenset(
     {"authorization", "date", "x-backendai-date", "host", "content-type", "x-backendai-version"}
 )
+# Where a request's admitted stream slots are noted, to be given back when it ends.
+_SLOTS_SCOPE_KEY: Final = "kep.stream_slots"
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, error: str, detail: str) -> None:
+    def __init__(
+        self, status: int, error: str, detail: str, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(detail)
         self.status, self.error, self.detail = status, error, detail
+        self.headers = dict(headers or {})
 
 
-def error_response(status: int, error: str, detail: str) -> Response:
+def error_response(
+    status: int, error: str, detail: str, extra_headers: Mapping[str, str] | None = None
+) -> Response:
     titles = {
         400: "Bad Request",
         401: "Unauthorized",
         403: "Forbidden",
         404: "Not Found",
+        405: "Method Not Allowed",
+        408: "Request Timeout",
+        414: "URI Too Long",
         415: "Unsupported Media Type",
+        429: "Too Many Requests",
+        431: "Request Header Fields Too Large",
+        500: "Internal Server Error",
+        503: "Service Unavailable",
     }
     body = {
         "status": status,
@@ -68,6 +98,7 @@ def error_response(status: int, error: str, detail: str) -> Response:
     headers = {"WWW-Authenticate": "BackendAI"} if status == 401 else {}
     response = Response(_json(body), status=status, content_type="application/json")
     response.headers.update(headers)
+    response.headers.update(extra_headers or {})
     return response
 
 
@@ -93,6 +124,15 @@ def create_app(
     writer = _Writer(hub, bridge.fetch, metrics)
     # Browsers and token holders: session cookies and bearer JWTs (sessions.py, web.py).
     codec, bearer = session_codec(settings.session), jwt_verifier(settings.jwt)
+    # Abuse limits (limits.py): stream caps, request sizes, login rates.
+    limits = settings.limits
+    slots = StreamSlots(limits.max_streams_per_key, limits.max_streams)
+    trusted_proxies = parse_networks(limits.trusted_proxies)
+
+    def remote_client() -> str:
+        return client_address(
+            request.remote_addr, request.headers.getlist("X-Forwarded-For"), trusted_proxies
+        )
 
     def authenticate() -> Principal:
         headers: dict[str, str] = {}
@@ -157,7 +197,28 @@ def create_app(
 
     @app.errorhandler(RequestError)
     async def _on_request_error(exc: RequestError) -> Response:
-        return error_response(exc.status, exc.error, exc.detail)
+        if exc.status in (408, 414, 429, 431, 503):
+            metrics.limited[exc.error] += 1
+        return error_response(exc.status, exc.error, exc.detail, exc.headers)
+
+    @app.before_request
+    async def _check_sizes() -> None:
+        raw_query: bytes = request.scope["query_string"]
+        if len(raw_query) > limits.max_query_length:
+            raise RequestError(
+                414,
+                "uri-too-long",
+                f"the query string is longer than {limits.max_query_length} bytes "
+                "(limits.max_query_length)",
+            )
+        header_bytes = sum(len(k) + len(v) for k, v in request.scope["headers"])
+        if header_bytes > limits.max_header_bytes:
+            raise RequestError(
+                431,
+                "headers-too-large",
+                f"the request headers are larger than {limits.max_header_bytes} bytes "
+                "(limits.max_header_bytes)",
+            )
 
     @app.errorhandler(HTTPException)
     async def _on_http_error(exc: HTTPException) -> Response:
@@ -187,6 +248,12 @@ def create_app(
             cors=Cors(frozenset(settings.server.cors_origins)),
             on_auth_failure=lambda reason: metrics.auth_failures.update([reason]),
             request_error=RequestError,
+            login_limits=LoginLimits(
+                per_address=RateLimiter(limits.login_attempts_per_address, limits.login_window),
+                per_key=RateLimiter(limits.login_failures_per_key, limits.login_window),
+                body_timeout=limits.body_timeout,
+                client=remote_client,
+            ),
         )
     )
 
@@ -221,6 +288,20 @@ def create_app(
                 exc.status, "forbidden" if exc.status == 403 else "bad-parameter", exc.message
             ) from None
         cursor = resume_cursor(params)
+        # Admission: a slot is taken now, synchronously (concurrent requests cannot all
+        # pass the check before one subscribes), and given back when the request ends.
+        try:
+            slots.acquire(principal.access_key)
+        except StreamLimitExceeded as exc:
+            log.info(
+                "stream refused (%s): %s from %s", exc.error, principal.access_key, remote_client()
+            )
+            raise RequestError(
+                exc.status, exc.error, exc.detail, {"Retry-After": str(exc.retry_after)}
+            ) from None
+        cast(dict[str, Any], request.scope).setdefault(_SLOTS_SCOPE_KEY, []).append(
+            principal.access_key
+        )
         # Clients that declare they speak text/event-stream (EventSource always does) get
         # id-only position blocks; the official SDK sends `*/*` and would turn such a
         # block into an empty "message" event.
@@ -232,7 +313,65 @@ def create_app(
         response.timeout = None
         return response
 
+    _guard_asgi(app, slots)
     return app
+
+
+def _guard_asgi(app: QuartTrio, slots: StreamSlots) -> None:
+    """Around every ASGI call: refuse what Quart would crash on; give back stream slots.
+
+    - A Host that is not a valid IDNA name (``a..b``, a label over 63 characters) makes
+      werkzeug raise ``BadHost`` while Quart builds the request context, outside every
+      error handler: hypercorn answered 500 with an empty body and logged a traceback.
+      It is refused here, in the API's JSON shape, before Quart sees it.
+    - A request's stream slots go back when its call ends, however it ends: the call
+      spans the whole response, body included, and a body generator that was never
+      started (the client left first) has no ``finally`` to rely on.
+    """
+    inner = app.asgi_app
+
+    async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not _routable_host(scope):
+            body = _json(
+                {
+                    "status": 400,
+                    "error": "bad-host",
+                    "title": "Bad Request",
+                    "detail": "the Host header is not a valid host name",
+                }
+            ).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 400,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            return
+        try:
+            await inner(scope, receive, send)
+        finally:
+            for key in scope.get(_SLOTS_SCOPE_KEY, ()):
+                slots.release(key)
+
+    app.asgi_app = asgi_app  # type: ignore[method-assign]
+
+
+def _routable_host(scope: Mapping[str, Any]) -> bool:
+    """Would werkzeug's URL adapter accept this request's host (``Map.bind``)?"""
+    for name, value in scope["headers"]:
+        if name not in (b"host", b":authority"):
+            continue
+        host = get_host(scope.get("scheme", "http"), value.decode("latin-1"), scope.get("server"))
+        try:
+            host.lower().partition(":")[0].encode("idna")
+        except UnicodeError:
+            return False
+    return True
 
 
 def _raw_target(scope: Mapping[str, Any]) -> str:

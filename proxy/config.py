@@ -6,6 +6,7 @@ key``), never silently ignored. Durations are in seconds.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -133,12 +134,52 @@ class UpstreamSettings(_Section):
     connect_timeout: Seconds = 5.0
     reconnect_min: Seconds = 0.1
     reconnect_max: Seconds = 10.0
+    # The largest upstream message (one batch of events) accepted. A larger one is
+    # stepped over with a stream_gap instead of failing the stream for good.
+    max_message_bytes: Annotated[int, Field(ge=64 * 1024, le=1024**3)] = 64 * 1024 * 1024
 
 
 class AuthSettings(_Section):
     max_clock_skew: Seconds = 900.0
     # More [[keypairs]] in a file of their own, re-read on SIGHUP or when it changes.
     keypairs_file: Path | None = None
+
+
+def _check_network(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError:
+        raise ValueError("must be an IP address or network (10.0.0.0/8, ::1)") from None
+
+
+Network = Annotated[str, AfterValidator(_check_network)]
+
+
+class LimitsSettings(_Section):
+    """Abuse limits (proxy/limits.py): stream caps, request sizes, timeouts, login rates."""
+
+    # Open event streams in total (past it: 503) and per access key (past it: 429).
+    max_streams: Annotated[int, Field(ge=1, le=10_000_000)] = 10_000
+    max_streams_per_key: Annotated[int, Field(ge=1, le=10_000_000)] = 100
+    # A request's header names and values, in bytes (past it: 431), and its query
+    # string (past it: 414). The HTTP layer refuses a request head larger than both
+    # together plus 8 KiB outright.
+    max_header_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 8192
+    max_query_length: Annotated[int, Field(ge=256, le=64 * 1024)] = 2048
+    # A connection without a request in progress (including one still sending its
+    # request line and headers, as a slowloris does) is closed after this long.
+    idle_timeout: Seconds = 5.0
+    # The TLS handshake must finish within this.
+    handshake_timeout: Seconds = 10.0
+    # A request body (the login) must arrive within this (past it: 408).
+    body_timeout: Seconds = 10.0
+    # POST /server/login: attempts per client address, failed attempts per access key,
+    # each refilling over login_window seconds (past them: 429 with Retry-After).
+    login_attempts_per_address: Annotated[int, Field(ge=1, le=1_000_000)] = 20
+    login_failures_per_key: Annotated[int, Field(ge=1, le=1_000_000)] = 5
+    login_window: Seconds = 60.0
+    # Reverse proxies whose X-Forwarded-For names the client (the login's address).
+    trusted_proxies: tuple[Network, ...] = ()
 
 
 class KeypairSettings(_Section):
@@ -159,6 +200,7 @@ class Settings(_Section):
     auth: AuthSettings = AuthSettings()
     session: SessionSettings = SessionSettings()
     jwt: JwtSettings = JwtSettings()
+    limits: LimitsSettings = LimitsSettings()
     keypairs: tuple[KeypairSettings, ...] = ()
 
     @model_validator(mode="after")
@@ -181,6 +223,7 @@ _SECTIONS: Final[dict[str, type[BaseModel]]] = {
     "auth": AuthSettings,
     "session": SessionSettings,
     "jwt": JwtSettings,
+    "limits": LimitsSettings,
 }
 
 

@@ -28,6 +28,9 @@ _NAME_RE: Final = re.compile(r"[\x21-\x7e]{1,128}")
 # upstream event by one of these names would pass for one (the official SDK stops
 # listening on server_close), so the upstream may not use them.
 RESERVED_NAMES: Final = frozenset({"stream_gap", "stream_overflow", "server_close"})
+# An event is a few hundred bytes; one far larger would be kept in the history and
+# written to every recipient. Bigger than this, it is refused (and becomes a gap).
+MAX_EVENT_BYTES: Final = 64 * 1024
 # Events whose payload carries `result` even when the upstream left it unspecified.
 _TERMINATION_SUFFIXES: Final = ("_terminated", "_success", "_failure", "_cancelled")
 
@@ -87,6 +90,8 @@ def from_proto(msg: pb.LifecycleEvent) -> Event:
         raise MalformedEvent(f"event {msg.sequence}: invalid name {msg.name!r}")
     if msg.sequence == 0:
         raise MalformedEvent(f"event {msg.name!r} has no sequence")
+    if msg.ByteSize() > MAX_EVENT_BYTES:
+        raise MalformedEvent(f"event {msg.sequence}: larger than {MAX_EVENT_BYTES} bytes")
     ts = msg.timestamp.seconds + msg.timestamp.nanos / 1e9 if msg.HasField("timestamp") else 0.0
     return Event(
         sequence=msg.sequence,

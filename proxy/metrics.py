@@ -66,6 +66,9 @@ class Metrics:
         self.auth_failures: Counter[str] = Counter()
         self.delivery_latency = LatencyHistogram(_LATENCY_BUCKETS)
         self.registry.register(_Collector(hub, bridge, self.auth_failures, self.delivery_latency))
+        # Requests refused by an abuse limit (limits.py), by error code.
+        self.limited: Counter[str] = Counter()
+        self.registry.register(_LimitsCollector(self.limited))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -134,3 +137,18 @@ class _Collector(Collector):
             "kep_delivery_latency_seconds",
             "Time from an event being queued for a client to its write to the socket.",
         )
+
+
+class _LimitsCollector(Collector):
+    def __init__(self, limited: Counter[str]) -> None:
+        self._limited = limited
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "kep_limited_requests",
+            "Requests refused by an abuse limit (stream caps, sizes, login rates), by error.",
+            labels=["error"],
+        )
+        for error, count in sorted(self._limited.items()):
+            family.add_metric([error], count)
+        yield family

@@ -348,7 +348,13 @@ DOCUMENT["paths"].update(
                 "summary": "The dashboard's files (app.js, style.css, favicon.svg)",
                 "security": [],
                 "parameters": [
-                    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+                    {
+                        "name": "name",
+                        "in": "path",
+                        "required": True,
+                        "description": "Any other name: 404.",
+                        "schema": {"enum": ["index.html", "app.js", "style.css", "favicon.svg"]},
+                    }
                 ],
                 "responses": {"200": _UI_FILE, "404": _error("No such file")},
             }
@@ -375,3 +381,50 @@ DOCUMENT["components"]["securitySchemes"].update(
     }
 )
 DOCUMENT["security"] += [{"sessionCookie": []}, {"bearerJwt": []}]
+
+
+# --- Abuse limits (limits.py, [limits]) -----------------------------------------------
+
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before trying again.",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    }
+}
+
+
+def _limited(description: str) -> dict[str, Any]:
+    return _error(description) | {"headers": _RETRY_AFTER}
+
+
+# Every route checks the request's host and size before anything else.
+for _item in DOCUMENT["paths"].values():
+    for _operation in _item.values():
+        _operation["responses"].setdefault(
+            "400", _error("`bad-host`: the Host header is not a valid host name")
+        )
+        _operation["responses"].setdefault(
+            "414", _error("The query string is longer than `limits.max_query_length`")
+        )
+        _operation["responses"].setdefault(
+            "431", _error("The request headers are larger than `limits.max_header_bytes`")
+        )
+DOCUMENT["paths"]["/stream/kernel/_/events"]["get"]["responses"].update(
+    {
+        "429": _limited(
+            "This access key already holds `limits.max_streams_per_key` streams "
+            "(`too-many-streams`)"
+        ),
+        "503": _limited("The server holds `limits.max_streams` streams (`server-busy`)"),
+    }
+)
+DOCUMENT["paths"]["/server/login"]["post"]["responses"].update(
+    {
+        "408": _error("The body did not arrive within `limits.body_timeout` (`body-timeout`)"),
+        "429": _limited(
+            "Too many attempts from this address (`too-many-attempts`) or failed ones for "
+            "this access key (`too-many-failures`)"
+        ),
+    }
+)

@@ -18,6 +18,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from hypercorn.trio import serve
+from hypercorn.trio.tcp_server import TCPServer
 from prometheus_client import make_asgi_app
 
 from .app import create_app
@@ -67,6 +68,39 @@ class _Config(HypercornConfig):
         return sockets
 
 
+# How long closing a connection may take (a TLS close_notify to a peer that stopped
+# reading); then the socket is closed without it.
+CLOSE_TIMEOUT = 2.0
+
+
+def _close_even_when_cancelled() -> None:
+    """Make hypercorn close a connection's socket even from a cancelled task.
+
+    Hypercorn's trio ``TCPServer._close`` (``send_eof``, then ``aclose``) runs in the
+    task that finished the response. When that is a request whose body had not fully
+    arrived (a 408 for a trickled body, a 400 for an oversized one), quart-trio is
+    cancelling that task, so ``send_eof``'s checkpoint raises ``Cancelled``, the socket
+    is never closed, and, the idle timer being stopped, the connection stays open for as
+    long as the client likes (hypercorn issue #106). Shielded, with a deadline, it
+    always completes; trio's ``SSLStream.aclose`` closes the socket even if its
+    close_notify is cut short.
+    """
+    original = TCPServer._close
+    if getattr(original, "_kep_shielded", False):
+        return
+
+    async def _close(self: TCPServer) -> None:
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+            await original(self)
+
+    _close._kep_shielded = True  # type: ignore[attr-defined]
+    TCPServer._close = _close  # type: ignore[method-assign]
+
+
+_close_even_when_cancelled()
+
+
 def hypercorn_config(settings: Settings) -> HypercornConfig:
     config = _Config()
     config.write_timeout = settings.server.write_timeout
@@ -75,6 +109,20 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     # Reconnect storms (a replica died, its clients arrive at once) overflow a short
     # accept queue into connection resets.
     config.backlog = 4096
+    # Slowloris and friends (limits.py covers what the app checks itself):
+    # - keep_alive_timeout closes a connection with no request in progress, counted
+    #   from accept or the end of the previous request; a request head still arriving
+    #   byte by byte is "no request" yet, so it is cut off too.
+    # - a request head beyond the app's own size limits (which answer 414/431 in JSON)
+    #   plus a margin is refused by the HTTP layer before any of it is buffered further.
+    # - read_timeout stays unset: an event-stream client never sends anything after its
+    #   request, and hypercorn would close every quiet stream. Dead stream clients are
+    #   found by the kernel write timeout (TCP_USER_TIMEOUT) and heartbeats instead.
+    limits = settings.limits
+    config.keep_alive_timeout = limits.idle_timeout
+    config.ssl_handshake_timeout = limits.handshake_timeout
+    config.h11_max_incomplete_size = limits.max_header_bytes + limits.max_query_length + 8192
+    config.h2_max_header_list_size = limits.max_header_bytes + limits.max_query_length + 8192
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.include_server_header = False

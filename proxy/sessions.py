@@ -87,6 +87,10 @@ def parse_login(body: bytes, content_type: str | None) -> LoginRequest:
         data = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise LoginRequestError(400, "bad-json", "the login body is not valid JSON") from None
+    except RecursionError:  # `[[[[...`: nesting deeper than the parser recurses
+        raise LoginRequestError(
+            400, "bad-json", "the login body is nested too deeply to be a login"
+        ) from None
     if not isinstance(data, dict):
         raise LoginRequestError(400, "bad-body", "the login body must be a JSON object")
     unknown = sorted(str(k) for k in data if k not in ("access_key", "secret_key"))

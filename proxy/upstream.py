@@ -48,6 +48,8 @@ PUBLISH_ROUND: Final = 1024
 # Responses the thread may queue before it stops reading (gRPC flow control then
 # pushes back on the upstream instead of this process growing without bound).
 MAX_PENDING_RESPONSES: Final = 1024
+# In the details of the RESOURCE_EXHAUSTED a too-large message fails a call with.
+_OVERSIZED: Final = "larger than max"
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +201,7 @@ class UpstreamBridge:
                 ("grpc.http2.ping_timeout_ms", int(s.keepalive_timeout * 1000)),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.max_pings_without_data", 0),
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ("grpc.max_receive_message_length", s.max_message_bytes),
                 # We do our own backoff with jitter; keep grpc's reconnects quick.
                 ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 1000),
@@ -237,6 +239,8 @@ class UpstreamBridge:
             except grpc.RpcError as exc:
                 code = exc.code() if isinstance(exc, grpc.Call) else None
                 reason = f"{code.name if code else 'error'}: {_details(exc)}"
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _OVERSIZED in reason:
+                    received_before = -1 if self._skip_oversized() else received_before
             self.live = False
             if self.received != received_before:
                 delay = s.reconnect_min
@@ -244,6 +248,23 @@ class UpstreamBridge:
             log.warning("upstream %s: %s; reconnecting in %.2fs", s.target, reason, pause)
             await trio.sleep(pause)
             delay = min(delay * 2, s.reconnect_max)
+
+    def _skip_oversized(self) -> bool:
+        """The next message is larger than ``max_message_bytes``: step over one event.
+
+        Resuming from the same position would get the same message, and fail, forever.
+        The shipped upstream sends an oversized event in a message of its own, so that
+        event is the one skipped; an upstream that batches it with others costs one gap
+        per event until the batch fits. Either way clients are told (``stream_gap``).
+        """
+        seq = self.sequencer
+        if seq.log_id is None:
+            return False
+        after = format_id(seq.log_id, seq.last)
+        seq.last += 1
+        self.malformed += 1
+        self._hub.publish_gap("upstream-oversized", after, format_id(seq.log_id, seq.last + 1))
+        return True
 
     async def _stream_once(self) -> None:
         channel = self._channel_factory(self._settings.target)

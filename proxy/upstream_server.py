@@ -24,6 +24,9 @@ from ._pb.kernel_events.v1 import events_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 512
+# A response stays under this many bytes (an event larger than it goes alone), so an
+# event too large for a subscriber is alone in its message: it can skip just that one.
+MAX_BATCH_BYTES = 1024 * 1024
 
 
 class EventLog:
@@ -148,14 +151,29 @@ class KernelEventsServicer(pb_grpc.KernelEventsServiceServicer):
         )
         while context.is_active() and not event_log.closed:
             events, oldest, head = event_log.read_after(position, MAX_BATCH, self._poll)
-            if events:
-                position = events[-1].sequence
+            for batch in _by_size(events):
+                position = batch[-1].sequence
                 yield pb.SubscribeResponse(
                     log_id=event_log.log_id,
-                    events=events,
+                    events=batch,
                     oldest_sequence=oldest,
                     head_sequence=head,
                 )
+
+
+def _by_size(events: list[pb.LifecycleEvent]) -> Iterator[list[pb.LifecycleEvent]]:
+    """Consecutive runs of ``events`` of at most MAX_BATCH_BYTES each (or one event)."""
+    batch: list[pb.LifecycleEvent] = []
+    size = 0
+    for event in events:
+        n = event.ByteSize()
+        if batch and size + n > MAX_BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+        batch.append(event)
+        size += n
+    if batch:
+        yield batch
 
 
 class UpstreamServer:

@@ -23,11 +23,13 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
+import trio
 from quart import Blueprint, Response, request
 from werkzeug.datastructures import MIMEAccept
 from werkzeug.http import parse_accept_header
 
 from .config import JwtSettings, SessionSettings
+from .limits import RateLimiter, retry_after_header
 from .policy import Principal
 from .sessions import (
     MAX_LOGIN_BODY,
@@ -173,6 +175,31 @@ def _add_vary(response: Response, names: Iterable[str]) -> None:
             response.headers.add("Vary", name)
 
 
+# --- Login limits ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoginLimits:
+    """How much login guessing is tolerated (``[limits]``; see ``limits.RateLimiter``).
+
+    Every attempt counts against the client's address; only failed ones against the
+    access key, so its owner can still sign in while nobody is guessing at it. Unknown
+    access keys are tracked like real ones: a 429 says nothing about which keys exist.
+    """
+
+    per_address: RateLimiter
+    per_key: RateLimiter
+    body_timeout: float
+    client: Callable[[], str]  # the requesting client's address
+
+
+def _origin_host(origin: str) -> str | None:
+    try:
+        return urlsplit(origin).netloc.lower()
+    except ValueError:  # e.g. "http://[" (an unclosed IPv6 literal)
+        return None
+
+
 # --- The blueprint --------------------------------------------------------------------
 
 
@@ -184,6 +211,7 @@ def browser_blueprint(
     cors: Cors,
     on_auth_failure: Callable[[str], None],
     request_error: type[RequestError],
+    login_limits: LoginLimits,
 ) -> Blueprint:
     """Login, logout, the dashboard's files and CORS, as one blueprint.
 
@@ -205,7 +233,7 @@ def browser_blueprint(
         origin = request.headers.get("Origin")
         if origin is None or cors.allows(origin):
             return
-        if urlsplit(origin).netloc.lower() != request.headers.get("Host", "").lower():
+        if _origin_host(origin) != request.headers.get("Host", "").lower():
             raise request_error(403, "bad-origin", f"requests from {origin[:100]} are not allowed")
 
     def set_cookie(response: Response, value: str, max_age: int) -> None:
@@ -231,13 +259,31 @@ def browser_blueprint(
                 400, "body-too-large", f"the login body is larger than {MAX_LOGIN_BODY} bytes"
             )
         data = bytearray()
-        async for chunk in request.body:
-            data += chunk
-            if len(data) > MAX_LOGIN_BODY:
-                raise request_error(
-                    400, "body-too-large", f"the login body is larger than {MAX_LOGIN_BODY} bytes"
-                )
+        # Quart waits for a body forever: a client trickling one (a slowloris on the
+        # body) would hold its connection and this task as long as it liked.
+        with trio.move_on_after(login_limits.body_timeout) as waited:
+            async for chunk in request.body:
+                data += chunk
+                if len(data) > MAX_LOGIN_BODY:
+                    raise request_error(
+                        400,
+                        "body-too-large",
+                        f"the login body is larger than {MAX_LOGIN_BODY} bytes",
+                    )
+        if waited.cancelled_caught:
+            raise request_error(
+                408,
+                "body-timeout",
+                f"the request body did not arrive within {login_limits.body_timeout:g} s "
+                "(limits.body_timeout)",
+            )
         return bytes(data)
+
+    def too_many(error: str, detail: str, wait: float) -> RequestError:
+        seconds = retry_after_header(wait)
+        return request_error(
+            429, error, f"{detail}: retry in {seconds} s", {"Retry-After": seconds}
+        )
 
     @bp.post("/server/login")
     async def login() -> Response:
@@ -246,15 +292,26 @@ def browser_blueprint(
             raise request_error(
                 404, "sessions-disabled", "cookie sessions are off: [session] secret_key is not set"
             )
+        address = login_limits.client()
+        wait = login_limits.per_address.retry_after(address)
+        if wait:
+            log.info("login refused: too many attempts from %s", address)
+            raise too_many("too-many-attempts", "too many login attempts from this address", wait)
+        login_limits.per_address.take(address)
         try:
             credentials = parse_login(await read_body(), request.headers.get("Content-Type"))
         except LoginRequestError as exc:
             raise request_error(exc.status, exc.error, exc.detail) from None
+        wait = login_limits.per_key.retry_after(credentials.access_key)
+        if wait:
+            log.info("login refused: too many failures for %s", credentials.access_key[:128])
+            raise too_many("too-many-failures", "too many failed logins for this access key", wait)
         try:
             keypair = check_credentials(credentials.access_key, credentials.secret_key, lookup)
         except AuthError as exc:
+            login_limits.per_key.take(credentials.access_key)
             on_auth_failure(exc.reason)
-            log.info("login failure (%s) from %s", exc.reason, request.remote_addr)
+            log.info("login failure (%s) from %s", exc.reason, address)
             raise request_error(401, exc.reason, exc.message) from None
         p = keypair.principal
         log.info("login: %s (%s) from %s", p.access_key, p.role, request.remote_addr)

@@ -326,7 +326,8 @@ def bearer(**claims: Any) -> dict[str, str]:
         "role": "superadmin",
         "user_id": "idp-1",
         "domain": "default",
-        "exp": int(time.time()) + 60,
+        # Made at collection time, long before the test may run: not too short-lived.
+        "exp": int(time.time()) + 3600,
     } | claims
     payload = {k: v for k, v in payload.items() if v is not None}
     return {"Authorization": f"Bearer {jwt.encode(payload, JWT_KEY, algorithm='HS256')}"}
