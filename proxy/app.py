@@ -7,6 +7,7 @@ socket.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -15,12 +16,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final, cast
 from urllib.parse import parse_qs
 
+import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 from werkzeug.sansio.utils import get_host
 
-from . import __version__, sse
+from . import __version__, direct, sse
 from .config import Settings
 from .eventid import Cursor, InvalidEventId, parse_id
 from .hub import Hub, Subscription, encode, gap_frame
@@ -122,6 +124,7 @@ def create_app(
     keypairs: Mapping[str, Keypair] = keys if keys is not None else settings.keypair_index()
     skew = timedelta(seconds=settings.auth.max_clock_skew)
     writer = _Writer(hub, bridge.fetch, metrics)
+    hub.on_write = metrics.delivery_latency.observe
     # Browsers and token holders: session cookies and bearer JWTs (sessions.py, web.py).
     codec, bearer = session_codec(settings.session), jwt_verifier(settings.jwt)
     # Abuse limits (limits.py): stream caps, request sizes, login rates.
@@ -306,7 +309,14 @@ def create_app(
         # id-only position blocks; the official SDK sends `*/*` and would turn such a
         # block into an empty "message" event.
         positions = "text/event-stream" in request.headers.get("Accept", "")
-        body = writer.stream(principal, filters, cursor, positions, request.remote_addr)
+        # A HEAD gets the same head and no body: nothing to subscribe for.
+        body: Any = (
+            b""
+            if request.method == "HEAD"
+            else writer.stream(
+                principal, filters, cursor, positions, request.remote_addr, request.scope
+            )
+        )
         response = Response(body, content_type="text/event-stream; charset=utf-8")
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"
@@ -382,11 +392,6 @@ def _raw_target(scope: Mapping[str, Any]) -> str:
     return target.decode("latin-1")
 
 
-@dataclass
-class _Tally:
-    events: int = 0
-
-
 @dataclass(frozen=True)
 class _Writer:
     """Writes one client's stream: position, catch-up, queued frames, heartbeats."""
@@ -402,14 +407,16 @@ class _Writer:
         cursor: Cursor | None,
         positions: bool,
         peer: str | None,
+        scope: Mapping[str, Any],
     ) -> AsyncIterator[bytes]:
         hub = self.hub
         started = time.monotonic()
-        tally = _Tally()
         with hub.subscribe(principal, filters, cursor, positions=positions) as sub:
             # Taken with the subscription, atomically: everything up to here is not
             # this client's to receive, so a reconnect from here loses nothing.
             start = hub.position() if positions and cursor is None else None
+            # The response head is on the wire by now (quart sends it before the body).
+            sink = direct.current_sink(scope)
             fields = {
                 "access_key": principal.access_key,
                 "role": principal.role.value,
@@ -429,11 +436,17 @@ class _Writer:
                 fields["resume"],
                 extra={"event": "stream_open", **fields},
             )
+            first = sse.encode_position(start) if start is not None else None
             try:
-                if start is not None:
-                    yield sse.encode_position(start)
-                async for chunk in self._frames(sub, tally):
-                    yield chunk
+                if sink is not None:
+                    # A write failing means the client went away mid-write.
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await self._direct(sub, sink, first)
+                else:
+                    if first is not None:
+                        yield first
+                    async for chunk in self._frames(sub):
+                        yield chunk
             finally:
                 duration = round(time.monotonic() - started, 3)
                 reason = sub.outbox.reason or "client-gone"
@@ -441,38 +454,66 @@ class _Writer:
                     "stream closed: %s after %.1fs, %d events sent, reason=%s",
                     principal.access_key,
                     duration,
-                    tally.events,
+                    sub.outbox.sent,
                     reason,
                     extra={
                         "event": "stream_close",
                         **fields,
                         "duration_s": duration,
-                        "events_sent": tally.events,
+                        "events_sent": sub.outbox.sent,
                         "reason": reason,
                     },
                 )
 
-    async def _frames(self, sub: Subscription, tally: _Tally) -> AsyncIterator[bytes]:
+    async def _frames(self, sub: Subscription) -> AsyncIterator[bytes]:
+        """The ASGI path: every write is yielded to quart (TLS, HTTP/2, HTTP/1.0)."""
         outbox = sub.outbox
         while True:
             # Heartbeats arrive through the outbox too (Hub.run_heartbeats).
+            since = outbox.since
             frames = [] if sub.catchup is not None else await outbox.take()
             # A catch-up (set at subscribe time, or by the first publish after it)
             # comes before anything queued: those events are older.
             while sub.catchup is not None:
-                chunk, count = await self._catch_up(sub)
-                tally.events += count
+                chunk = await self._catch_up(sub)
                 if chunk:
                     yield chunk
             if frames:
-                self.metrics.delivery_latency.observe(time.monotonic() - outbox.since)
-                tally.events += len(frames) - outbox.taken_beats
+                self.metrics.delivery_latency.observe(time.monotonic() - since)
                 # Coalesce: everything queued goes out in one write.
                 yield frames[0] if len(frames) == 1 else b"".join(frames)
             if outbox.closed and not len(outbox):
                 return
 
-    async def _catch_up(self, sub: Subscription) -> tuple[bytes, int]:
+    async def _direct(self, sub: Subscription, sink: direct.ChunkSink, first: bytes | None) -> None:
+        """The direct path: the hub writes while this task idles (see direct.py).
+
+        This task writes only what the hub cannot: the opening position, catch-ups,
+        what a full socket did not take, and the end of a closed stream.
+        """
+        outbox = sub.outbox
+        self.hub.attach_sink(sub, sink)  # busy: the hub queues for this task until idle
+        if first is not None:
+            await sink.write(direct.chunk(first))
+        while True:
+            while sub.catchup is not None:
+                chunk = await self._catch_up(sub)
+                if chunk:
+                    await sink.write(direct.chunk(chunk))
+            if outbox.stalled:
+                stalled, outbox.stalled = outbox.stalled, b""
+                await sink.write(stalled)
+            if len(outbox):
+                since = outbox.since
+                frames = outbox.take_now()
+                await sink.write(direct.chunk(b"".join(frames)))
+                self.metrics.delivery_latency.observe(time.monotonic() - since)
+                continue
+            if outbox.closed:
+                return
+            await outbox.idle()
+
+    async def _catch_up(self, sub: Subscription) -> bytes:
         assert sub.catchup is not None
         cursor, until = sub.catchup
         fetched = await self.fetch(cursor.log_id, cursor.sequence, until)
@@ -486,4 +527,5 @@ class _Writer:
         )
         done = fetched.reached >= until or fetched.reached <= cursor.sequence
         sub.catchup = None if done else (Cursor(cursor.log_id, fetched.reached), until)
-        return b"".join(out), len(out)
+        sub.outbox.sent += len(out)
+        return b"".join(out)

@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final
@@ -20,6 +20,7 @@ from typing import Final
 import trio
 
 from . import sse
+from .direct import ChunkSink, chunk
 from .eventid import Cursor, format_id
 from .events import Event
 from .policy import Filters, IndexKey, Principal, event_keys, index_key, visible
@@ -43,17 +44,28 @@ class _Entry:
 
 
 class Outbox:
-    """A client's bounded queue of encoded frames; the writer takes all at once."""
+    """A client's bounded queue of encoded frames; the writer takes all at once.
+
+    Two ways out. Normally the client's task waits in ``take``. When the stream can be
+    written directly (``attach``: see direct.py), the hub writes queued frames itself
+    at the end of each round (``flush``), and the task only runs while ``busy``: when
+    the socket is full (``stalled``), for a catch-up, and to finish a closed stream.
+    """
 
     __slots__ = (
         "_beats",
+        "_flushq",
         "_frames",
         "_limit",
         "_lot",
+        "busy",
         "closed",
         "last_activity",
         "reason",
+        "sent",
         "since",
+        "sink",
+        "stalled",
         "taken_beats",
     )
 
@@ -67,9 +79,30 @@ class Outbox:
         self.last_activity = time.monotonic()  # when the writer last took frames
         self._beats = 0  # heartbeat frames among the queued ones
         self.taken_beats = 0  # ...among those the last take() returned
+        self.sent = 0  # frames written, heartbeats not counted
+        # Direct writes (attach): the hub's list of outboxes to flush, the sink, and
+        # whether the client's task owns the socket right now.
+        self._flushq: list[Outbox] | None = None
+        self.sink: ChunkSink | None = None
+        self.busy = True
+        self.stalled = b""  # framed bytes the socket did not take: the task writes them
 
     def __len__(self) -> int:
         return len(self._frames)
+
+    def attach(self, sink: ChunkSink, flushq: list[Outbox]) -> None:
+        """Direct mode from now on; the task keeps the socket (busy) until it parks."""
+        self.sink = sink
+        self._flushq = flushq
+        self.busy = True
+
+    def _queued(self) -> None:
+        """The first frame arrived in an empty outbox: see that it gets written."""
+        self.since = time.monotonic()
+        if self._flushq is not None and not self.busy:
+            self._flushq.append(self)
+        elif self._lot:
+            self._lot.unpark_all()
 
     def put(self, frame: bytes) -> bool:
         """Queue a frame; False if the outbox is full (the client is too slow)."""
@@ -78,11 +111,9 @@ class Outbox:
         frames = self._frames
         if len(frames) >= self._limit:
             return False
-        if not frames:
-            self.since = time.monotonic()
         frames.append(frame)
-        if self._lot:
-            self._lot.unpark_all()
+        if len(frames) == 1:
+            self._queued()
         return True
 
     def preload(self, frames: Sequence[bytes]) -> None:
@@ -99,27 +130,63 @@ class Outbox:
             self._frames.append(final)
         self.closed = True
         self.reason = reason
+        self.hand_over()
+
+    def hand_over(self) -> None:
+        """Give the socket back to the client's task (catch-up, stall, close)."""
+        self.busy = True
         self._lot.unpark_all()
 
     def beat(self, frame: bytes) -> None:
         """Queue a heartbeat (not an event: ``taken_beats`` tells the writer)."""
-        if not self._frames:
-            self.since = time.monotonic()
         self._frames.append(frame)
         self._beats += 1
-        self._lot.unpark_all()
+        if len(self._frames) == 1:
+            self._queued()
 
     def discard(self) -> None:
         self._frames.clear()
+
+    def take_now(self) -> list[bytes]:
+        """Everything queued, at once (counting the events among it as sent)."""
+        frames, self._frames = self._frames, []
+        self.taken_beats, self._beats = self._beats, 0
+        self.sent += len(frames) - self.taken_beats
+        self.last_activity = time.monotonic()
+        return frames
 
     async def take(self) -> list[bytes]:
         """Wait until there is something to write (or the outbox closed); take it all."""
         while not self._frames and not self.closed:
             await self._lot.park()
-        frames, self._frames = self._frames, []
-        self.taken_beats, self._beats = self._beats, 0
-        self.last_activity = time.monotonic()
-        return frames
+        return self.take_now()
+
+    async def idle(self) -> None:
+        """Direct mode: let the hub write, until it hands the socket back."""
+        self.busy = False
+        while not self.busy:
+            await self._lot.park()
+
+    def flush(self) -> float | None:
+        """Direct mode: write what is queued now, without waiting.
+
+        Returns how long the oldest frame waited, or None if nothing was written. What
+        the socket does not take, and everything while the task is busy, is left to
+        the task.
+        """
+        if self.busy or not self._frames or self.sink is None:
+            return None
+        waited = time.monotonic() - self.since
+        frames = self.take_now()
+        try:
+            rest = self.sink.try_write(chunk(frames[0] if len(frames) == 1 else b"".join(frames)))
+        except OSError:
+            self.close("client-gone")
+            return None
+        if rest:
+            self.stalled = rest
+            self.hand_over()
+        return waited
 
 
 class Subscription:
@@ -185,6 +252,47 @@ class Hub:
         self.delivered = 0  # frames queued for clients
         self.refused = 0  # frames refused because a client's outbox was full
         self.dropped_clients = 0  # clients disconnected for being too slow
+        self.direct_streams = 0  # streams written directly (direct.py) since start
+        self.direct_stalls = 0  # direct writes the socket took only part of
+        # Direct-mode outboxes that got frames this round (Outbox.flush), and whether a
+        # round is open (batch): then they are written once, when it ends.
+        self._flushq: list[Outbox] = []
+        self._batching = 0
+        # Called with each direct write's queueing delay (metrics' latency histogram).
+        self.on_write: Callable[[float], None] | None = None
+
+    # -- direct writes -----------------------------------------------------------
+
+    def attach_sink(self, sub: Subscription, sink: ChunkSink) -> None:
+        """Write this subscriber's frames from the hub from now on (see direct.py)."""
+        sub.outbox.attach(sink, self._flushq)
+        self.direct_streams += 1
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Publish several times, write to direct clients once, when the batch ends."""
+        self._batching += 1
+        try:
+            yield
+        finally:
+            self._batching -= 1
+            if not self._batching:
+                self.flush()
+
+    def flush(self) -> None:
+        """Write every direct client's queued frames: one send each, no task switch."""
+        queue = self._flushq  # the list every attached outbox appends itself to
+        if not queue:
+            return
+        on_write = self.on_write
+        for outbox in queue:  # flushing never queues: nothing is added meanwhile
+            waited = outbox.flush()
+            if waited is not None:
+                if on_write is not None:
+                    on_write(waited)
+                if outbox.stalled:
+                    self.direct_stalls += 1
+        queue.clear()
 
     # -- subscribers -------------------------------------------------------------
 
@@ -283,6 +391,7 @@ class Hub:
             else:
                 # This proxy started after the client's position: fetch the difference.
                 sub.catchup = (cursor, first.sequence - 1)
+                sub.outbox.hand_over()
         self._pending.clear()
 
     # -- publishing --------------------------------------------------------------
@@ -322,6 +431,8 @@ class Hub:
             self.log_id = log_id
             self.last_sequence = events[-1].sequence
             self.published += len(events)
+        if not self._batching:
+            self.flush()
 
     def publish_gap(self, reason: str, after: str | None, before: str | None) -> None:
         """Tell every client that events between two positions may be missing."""
@@ -333,6 +444,8 @@ class Hub:
             for sub in bucket:
                 if not sub.outbox.put(frame):
                     self._drop_slow(sub)
+        if not self._batching:
+            self.flush()
 
     def position(self) -> str | None:
         """The id of the newest event published, if any."""
@@ -385,6 +498,7 @@ class Hub:
                     position = self.position() if sub.positions and self.settled(sub) else None
                     outbox.beat(sse.encode_position(position, "ping") if position else PING)
                     outbox.last_activity = now
+            self.flush()
 
     def revoke(self, access_keys: set[str]) -> int:
         """Close the streams of credentials that were revoked or changed."""

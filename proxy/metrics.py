@@ -122,6 +122,16 @@ class _Collector(Collector):
             value=hub.dropped_clients,
         )
         yield CounterMetricFamily(
+            "kep_direct_streams",
+            "Streams whose body the hub wrote straight to the socket (plain HTTP/1.1).",
+            value=hub.direct_streams,
+        )
+        yield CounterMetricFamily(
+            "kep_direct_write_stalls",
+            "Direct writes a full socket took only part of (the rest waits in the stream's task).",
+            value=hub.direct_stalls,
+        )
+        yield CounterMetricFamily(
             "kep_upstream_connects", "Upstream subscription attempts.", value=bridge.connects
         )
         yield GaugeMetricFamily(

@@ -21,6 +21,7 @@ from hypercorn.trio import serve
 from hypercorn.trio.tcp_server import TCPServer
 from prometheus_client import make_asgi_app
 
+from . import direct
 from .app import create_app
 from .config import ConfigError, Settings, load_keypairs_file
 from .hub import Hub
@@ -99,6 +100,7 @@ def _close_even_when_cancelled() -> None:
 
 
 _close_even_when_cancelled()
+direct.install()
 
 
 def hypercorn_config(settings: Settings) -> HypercornConfig:

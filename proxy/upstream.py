@@ -332,20 +332,28 @@ class UpstreamBridge:
             call.cancel()  # type: ignore[no-untyped-call]
 
     async def _consume(self, pump: _Pump) -> None:
+        hub = self._hub
         while True:
-            published = 0
-            for response in await pump.take():
-                self._apply(response)
-                published += len(response.events)
-                if published >= PUBLISH_ROUND:
+            responses = await pump.take()
+            # One round: what piled up is published, then written to each direct client
+            # in one write (Hub.batch), however many upstream messages it came in.
+            start = 0
+            while start < len(responses):
+                published = 0
+                with hub.batch():
+                    while start < len(responses) and published < PUBLISH_ROUND:
+                        self._apply(responses[start])
+                        published += len(responses[start].events)
+                        start += 1
+                if start < len(responses):
                     # Let client writers drain before publishing more, so a burst that
                     # piled up in the pump is not mistaken for a client being slow.
                     await trio.lowlevel.checkpoint()
-                    published = 0
 
     def _apply_all(self, responses: list[pb.SubscribeResponse]) -> None:
-        for response in responses:
-            self._apply(response)
+        with self._hub.batch():
+            for response in responses:
+                self._apply(response)
 
     def _apply(self, response: pb.SubscribeResponse) -> None:
         self._attached = True

@@ -79,11 +79,13 @@ def lifecycle(
     return event
 
 
-def signed_headers(url: str, key: Key, *, date: datetime | None = None) -> dict[str, str]:
+def signed_headers(
+    url: str, key: Key, *, date: datetime | None = None, method: str = "GET"
+) -> dict[str, str]:
     parts = urlsplit(url)
     target = parts.path + (f"?{parts.query}" if parts.query else "")
     return sign_headers(
-        method="GET",
+        method=method,
         raw_target=target,
         host=parts.netloc,
         access_key=key.access_key,

@@ -1,0 +1,115 @@
+"""Direct body writes: an established HTTP/1.1 event stream written straight to its socket.
+
+Why. Every event a client receives used to be one ASGI ``send``: quart -> hypercorn's
+``HTTPStream`` -> h11 (chunk framing) -> ``TCPServer.protocol_send`` (a lock and a
+shielded ``CancelScope``) -> Trio's ``SocketStream.send_all`` (a conflict detector and
+two scheduler checkpoints), after a wake-up of the client's own task. With 1,000
+clients at 100 events/s that was ~10.5 µs per write and a full core
+(docs/benchmarks.md). The ``send`` system call itself is ~7 µs of it on loopback.
+
+What. Once the response head is on the wire, the stream's body is plain HTTP/1.1
+chunked encoding: ``<size hex>\\r\\n<data>\\r\\n``. A ``ChunkSink`` frames chunks itself
+and the hub writes them from the publishing task with one non-blocking ``send`` per
+client (``Hub.flush``); no task wakes up. Only when the kernel's send buffer is full
+(or hypercorn is writing on this connection) does the rest go to the client's own
+task, which waits for the socket under hypercorn's send lock. The end of the body
+(``0\\r\\n\\r\\n``) is still written by h11, which did not count our chunks: chunked
+framing carries no length to keep consistent.
+
+When. Only where every condition holds; otherwise the stream takes the ASGI path,
+which is correct everywhere and merely slower: a plain TCP connection (TLS and HTTP/2
+frame the body themselves), h11 in ``SEND_BODY`` with its chunked writer (so the
+client spoke HTTP/1.1 and the response has no length), a GET (a HEAD has no body).
+
+Safety. The socket object, not its file descriptor number, is used: once hypercorn
+closes it, ``send`` fails with EBADF instead of writing into whatever connection
+reuses the number. Writes never interleave with hypercorn's: the synchronous path
+backs off whenever hypercorn's send lock is held, and the asynchronous path holds it.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping
+from contextvars import ContextVar
+from typing import Any, Final
+
+import h11
+import trio
+from hypercorn.trio.tcp_server import TCPServer
+
+_CONNECTION: Final[ContextVar[TCPServer | None]] = ContextVar("kep_connection", default=None)
+_MSG_NOSIGNAL: Final = getattr(socket, "MSG_NOSIGNAL", 0)
+
+
+def chunk(payload: bytes) -> bytes:
+    """One HTTP/1.1 chunk (RFC 9112 section 7.1). ``payload`` must not be empty."""
+    return b"%x\r\n%b\r\n" % (len(payload), payload)
+
+
+class ChunkSink:
+    """The socket of one HTTP/1.1 response body, for chunked writes from any task."""
+
+    __slots__ = ("_lock", "_sock", "_stream")
+
+    def __init__(self, stream: trio.SocketStream, sock: socket.socket, lock: trio.Lock) -> None:
+        self._stream = stream
+        self._sock = sock
+        self._lock = lock
+
+    def try_write(self, data: bytes) -> bytes:
+        """Write as much of ``data`` (framed bytes) as the socket takes now.
+
+        Returns what is left (``b""`` when everything went); raises ``OSError`` when
+        the connection is gone. Never blocks and never yields to the scheduler.
+        """
+        if self._lock.locked():  # hypercorn (or this stream's task) is mid-write
+            return data
+        try:
+            sent = self._sock.send(data, _MSG_NOSIGNAL)
+        except BlockingIOError:
+            return data
+        return data[sent:] if sent < len(data) else b""
+
+    async def write(self, data: bytes) -> None:
+        """Write framed bytes, waiting for the socket; raises trio.BrokenResourceError."""
+        async with self._lock:
+            await self._stream.send_all(data)
+
+
+def current_sink(scope: Mapping[str, Any]) -> ChunkSink | None:
+    """This request's body as a ChunkSink, if it can be written directly (see above)."""
+    server = _CONNECTION.get()
+    if server is None or scope.get("method") != "GET" or scope.get("http_version") != "1.1":
+        return None
+    stream = server.stream
+    if not isinstance(stream, trio.SocketStream):
+        return None
+    protocol = getattr(getattr(server, "protocol", None), "protocol", None)
+    connection = getattr(protocol, "connection", None)
+    if not isinstance(connection, h11.Connection) or connection.our_state is not h11.SEND_BODY:
+        return None
+    if type(getattr(connection, "_writer", None)).__name__ != "ChunkedWriter":
+        return None
+    sock = getattr(stream.socket, "_sock", None)
+    if not isinstance(sock, socket.socket):
+        return None
+    return ChunkSink(stream, sock, server.send_lock)
+
+
+def install() -> None:
+    """Let the app find its connection: hypercorn's per-connection task sets it.
+
+    The app runs in a task spawned from that connection's task, so it inherits the
+    context variable. Idempotent.
+    """
+    original = TCPServer.run
+    if getattr(original, "_kep_direct", False):
+        return
+
+    async def run(self: TCPServer) -> None:
+        _CONNECTION.set(self)
+        await original(self)
+
+    run._kep_direct = True  # type: ignore[attr-defined]
+    TCPServer.run = run  # type: ignore[method-assign]
