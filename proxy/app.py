@@ -7,25 +7,21 @@ socket.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, cast
 from urllib.parse import parse_qs
 
-import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 from werkzeug.sansio.utils import get_host
 
-from . import __version__, direct, sse
+from . import __version__
 from .config import Settings
 from .eventid import Cursor, InvalidEventId, parse_id
-from .hub import Hub, Subscription, encode, gap_frame
+from .hub import Hub
 from .limits import (
     RateLimiter,
     StreamLimitExceeded,
@@ -36,10 +32,11 @@ from .limits import (
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .openapi import DOCUMENT as OPENAPI
-from .policy import Filters, PolicyError, Principal, resolve_filters, visible
+from .policy import PolicyError, Principal, resolve_filters
 from .sessions import authenticate_browser
 from .signing import AuthError, Keypair, verify
-from .upstream import Fetched, UpstreamBridge
+from .stream import Receive, Send, StreamPlan, StreamWriter
+from .upstream import UpstreamBridge
 from .web import (
     Cors,
     LoginLimits,
@@ -55,14 +52,14 @@ log = logging.getLogger(__name__)
 API_VERSION: Final = "v4.20190615"
 EVENTS_PATH: Final = "/stream/kernel/_/events"
 MAX_QUERY_FIELDS: Final = 16
-# Reads (after, until] of a log from the upstream, for clients older than the history.
-Fetch = Callable[[str, int, int], Awaitable[Fetched]]
 # Headers that authenticate a request must appear once: with two, which one was signed?
 _SINGLE_HEADERS: Final = frozenset(
     {"authorization", "date", "x-backendai-date", "host", "content-type", "x-backendai-version"}
 )
 # Where a request's admitted stream slots are noted, to be given back when it ends.
 _SLOTS_SCOPE_KEY: Final = "kep.stream_slots"
+# Where the events route leaves an admitted stream's plan for _serve_streams.
+_PLAN_SCOPE_KEY: Final = "kep.stream_plan"
 
 
 class RequestError(Exception):
@@ -123,7 +120,7 @@ def create_app(
     # The live key set (reloaded from the keypairs file), or the configured one.
     keypairs: Mapping[str, Keypair] = keys if keys is not None else settings.keypair_index()
     skew = timedelta(seconds=settings.auth.max_clock_skew)
-    writer = _Writer(hub, bridge.fetch, metrics)
+    writer = StreamWriter(hub, bridge.fetch, metrics)
     hub.on_write = metrics.delivery_latency.observe
     # Browsers and token holders: session cookies and bearer JWTs (sessions.py, web.py).
     codec, bearer = session_codec(settings.session), jwt_verifier(settings.jwt)
@@ -309,26 +306,25 @@ def create_app(
         # id-only position blocks; the official SDK sends `*/*` and would turn such a
         # block into an empty "message" event.
         positions = "text/event-stream" in request.headers.get("Accept", "")
-        # A HEAD gets the same head and no body: nothing to subscribe for.
-        body: Any = (
-            b""
-            if request.method == "HEAD"
-            else writer.stream(
-                principal, filters, cursor, positions, request.remote_addr, request.scope
+        if request.method == "GET":
+            # Admitted: the stream itself is served once this request is over (see
+            # _serve_streams). A HEAD gets the same head and no body.
+            cast(dict[str, Any], request.scope)[_PLAN_SCOPE_KEY] = StreamPlan(
+                principal, filters, cursor, positions, request.remote_addr
             )
-        )
-        response = Response(body, content_type="text/event-stream; charset=utf-8")
+        response = Response(b"", content_type="text/event-stream; charset=utf-8")
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"
         response.timeout = None
         return response
 
-    _guard_asgi(app, slots)
+    _guard_asgi(app, slots, writer)
     return app
 
 
-def _guard_asgi(app: QuartTrio, slots: StreamSlots) -> None:
-    """Around every ASGI call: refuse what Quart would crash on; give back stream slots.
+def _guard_asgi(app: QuartTrio, slots: StreamSlots, writer: StreamWriter) -> None:
+    """Around every ASGI call: refuse what Quart would crash on; serve admitted streams;
+    give back stream slots.
 
     - A Host that is not a valid IDNA name (``a..b``, a label over 63 characters) makes
       werkzeug raise ``BadHost`` while Quart builds the request context, outside every
@@ -363,12 +359,72 @@ def _guard_asgi(app: QuartTrio, slots: StreamSlots) -> None:
             await send({"type": "http.response.body", "body": body, "more_body": False})
             return
         try:
-            await inner(scope, receive, send)
+            if scope["type"] == "http" and scope["path"] == EVENTS_PATH:
+                await _serve_streams(inner, writer, scope, receive, send)
+            else:
+                await inner(scope, receive, send)
         finally:
             for key in scope.get(_SLOTS_SCOPE_KEY, ()):
                 slots.release(key)
 
     app.asgi_app = asgi_app  # type: ignore[method-assign]
+
+
+async def _serve_streams(
+    inner: Callable[[Any, Any, Any], Awaitable[None]],
+    writer: StreamWriter,
+    scope: dict[str, Any],
+    receive: Receive,
+    send: Send,
+) -> None:
+    """The event stream route: quart admits (or refuses), then the stream runs bare.
+
+    Quart answers the request in full, into a buffer: an error as it is, or, when the
+    route admitted a stream, an empty response carrying every header quart and its
+    hooks set (CORS, Vary, ...). That request, with its objects and tasks, is then
+    over; the stream is served by ``StreamWriter`` in this task, with the same head.
+    """
+    plan, answer = await _admit(inner, scope, receive)
+    if plan is None:
+        for message in answer:
+            await send(message)
+        return
+    head = answer[0]
+    del answer  # an idle stream keeps as little as it can
+    await send(
+        {
+            "type": "http.response.start",
+            "status": head["status"],
+            # The buffered answer was empty; the stream has no length.
+            "headers": [(k, v) for k, v in head["headers"] if k.lower() != b"content-length"],
+        }
+    )
+    del head
+    await writer.serve(plan, scope, receive, send)
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _admit(
+    inner: Callable[[Any, Any, Any], Awaitable[None]], scope: dict[str, Any], receive: Receive
+) -> tuple[StreamPlan | None, list[dict[str, Any]]]:
+    """Run quart on the request; the plan if it admitted a stream, and its answer."""
+    answer: list[dict[str, Any]] = []
+    gone = False
+
+    async def keep(message: dict[str, Any]) -> None:
+        answer.append(message)
+
+    async def watch() -> Mapping[str, Any]:
+        nonlocal gone
+        message = await receive()
+        gone = gone or message["type"] == "http.disconnect"
+        return message
+
+    await inner(scope, watch, keep)
+    plan: StreamPlan | None = scope.pop(_PLAN_SCOPE_KEY, None)
+    if gone or not answer or answer[0]["type"] != "http.response.start":
+        plan = None  # the client left already, or quart did not answer
+    return plan, answer
 
 
 def _routable_host(scope: Mapping[str, Any]) -> bool:
@@ -390,142 +446,3 @@ def _raw_target(scope: Mapping[str, Any]) -> str:
     query: bytes = scope["query_string"]
     target = raw_path + (b"?" + query if query else b"")
     return target.decode("latin-1")
-
-
-@dataclass(frozen=True)
-class _Writer:
-    """Writes one client's stream: position, catch-up, queued frames, heartbeats."""
-
-    hub: Hub
-    fetch: Fetch
-    metrics: Metrics
-
-    async def stream(
-        self,
-        principal: Principal,
-        filters: Filters,
-        cursor: Cursor | None,
-        positions: bool,
-        peer: str | None,
-        scope: Mapping[str, Any],
-    ) -> AsyncIterator[bytes]:
-        hub = self.hub
-        started = time.monotonic()
-        with hub.subscribe(principal, filters, cursor, positions=positions) as sub:
-            # Taken with the subscription, atomically: everything up to here is not
-            # this client's to receive, so a reconnect from here loses nothing.
-            start = hub.position() if positions and cursor is None else None
-            # The response head is on the wire by now (quart sends it before the body).
-            sink = direct.current_sink(scope)
-            fields = {
-                "access_key": principal.access_key,
-                "role": principal.role.value,
-                "filters": {
-                    "sessionId": filters.session,
-                    "ownerAccessKey": filters.owner,
-                    "group": filters.group,
-                },
-                "resume": str(cursor) if cursor else None,
-                "peer": peer,
-            }
-            log.info(
-                "stream open: %s (%s) filters=%s resume=%s",
-                principal.access_key,
-                principal.role.value,
-                fields["filters"],
-                fields["resume"],
-                extra={"event": "stream_open", **fields},
-            )
-            first = sse.encode_position(start) if start is not None else None
-            try:
-                if sink is not None:
-                    # A write failing means the client went away mid-write.
-                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                        await self._direct(sub, sink, first)
-                else:
-                    if first is not None:
-                        yield first
-                    async for chunk in self._frames(sub):
-                        yield chunk
-            finally:
-                duration = round(time.monotonic() - started, 3)
-                reason = sub.outbox.reason or "client-gone"
-                log.info(
-                    "stream closed: %s after %.1fs, %d events sent, reason=%s",
-                    principal.access_key,
-                    duration,
-                    sub.outbox.sent,
-                    reason,
-                    extra={
-                        "event": "stream_close",
-                        **fields,
-                        "duration_s": duration,
-                        "events_sent": sub.outbox.sent,
-                        "reason": reason,
-                    },
-                )
-
-    async def _frames(self, sub: Subscription) -> AsyncIterator[bytes]:
-        """The ASGI path: every write is yielded to quart (TLS, HTTP/2, HTTP/1.0)."""
-        outbox = sub.outbox
-        while True:
-            # Heartbeats arrive through the outbox too (Hub.run_heartbeats).
-            since = outbox.since
-            frames = [] if sub.catchup is not None else await outbox.take()
-            # A catch-up (set at subscribe time, or by the first publish after it)
-            # comes before anything queued: those events are older.
-            while sub.catchup is not None:
-                chunk = await self._catch_up(sub)
-                if chunk:
-                    yield chunk
-            if frames:
-                self.metrics.delivery_latency.observe(time.monotonic() - since)
-                # Coalesce: everything queued goes out in one write.
-                yield frames[0] if len(frames) == 1 else b"".join(frames)
-            if outbox.closed and not len(outbox):
-                return
-
-    async def _direct(self, sub: Subscription, sink: direct.ChunkSink, first: bytes | None) -> None:
-        """The direct path: the hub writes while this task idles (see direct.py).
-
-        This task writes only what the hub cannot: the opening position, catch-ups,
-        what a full socket did not take, and the end of a closed stream.
-        """
-        outbox = sub.outbox
-        self.hub.attach_sink(sub, sink)  # busy: the hub queues for this task until idle
-        if first is not None:
-            await sink.write(direct.chunk(first))
-        while True:
-            while sub.catchup is not None:
-                chunk = await self._catch_up(sub)
-                if chunk:
-                    await sink.write(direct.chunk(chunk))
-            if outbox.stalled:
-                stalled, outbox.stalled = outbox.stalled, b""
-                await sink.write(stalled)
-            if len(outbox):
-                since = outbox.since
-                frames = outbox.take_now()
-                await sink.write(direct.chunk(b"".join(frames)))
-                self.metrics.delivery_latency.observe(time.monotonic() - since)
-                continue
-            if outbox.closed:
-                return
-            await outbox.idle()
-
-    async def _catch_up(self, sub: Subscription) -> bytes:
-        assert sub.catchup is not None
-        cursor, until = sub.catchup
-        fetched = await self.fetch(cursor.log_id, cursor.sequence, until)
-        out: list[bytes] = []
-        if fetched.gap is not None:
-            out.append(gap_frame(fetched.gap.reason, fetched.gap.after, fetched.gap.before))
-        out.extend(
-            encode(cursor.log_id, event)
-            for event in fetched.events
-            if visible(sub.principal, sub.filters, event)
-        )
-        done = fetched.reached >= until or fetched.reached <= cursor.sequence
-        sub.catchup = None if done else (Cursor(cursor.log_id, fetched.reached), until)
-        sub.outbox.sent += len(out)
-        return b"".join(out)

@@ -30,7 +30,7 @@ backs off whenever hypercorn's send lock is held, and the asynchronous path hold
 from __future__ import annotations
 
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from typing import Any, Final
 
@@ -97,19 +97,55 @@ def current_sink(scope: Mapping[str, Any]) -> ChunkSink | None:
     return ChunkSink(stream, sock, server.send_lock)
 
 
-def install() -> None:
-    """Let the app find its connection: hypercorn's per-connection task sets it.
+def current_connection() -> TCPServer | None:
+    """The hypercorn connection this task serves (None outside one)."""
+    return _CONNECTION.get()
 
-    The app runs in a task spawned from that connection's task, so it inherits the
-    context variable. Idempotent.
+
+def on_eof(server: TCPServer, callback: Callable[[], None]) -> Callable[[], None]:
+    """Call ``callback`` once the connection stops being read (the client closed it,
+    reset it, or hypercorn closed it); at once if that already happened.
+
+    Returns a function that unregisters it. For HTTP/1.x this is the client leaving:
+    it cannot end one response without ending the connection. It lets a stream notice
+    a departed client without a task of its own waiting on ASGI ``receive``.
     """
-    original = TCPServer.run
-    if getattr(original, "_kep_direct", False):
+    if getattr(server, "_kep_eof", False):
+        callback()
+        return _nothing
+    callbacks: set[Callable[[], None]] = server.__dict__.setdefault("_kep_on_eof", set())
+    callbacks.add(callback)
+    return lambda: callbacks.discard(callback)
+
+
+def _nothing() -> None:
+    pass
+
+
+def install() -> None:
+    """Patch hypercorn's trio ``TCPServer`` (idempotent):
+
+    - ``run`` sets a context variable to the connection, which the app's task inherits
+      (hypercorn spawns it from the connection's task), for ``current_sink``;
+    - ``_read_data``, the connection's read loop, runs the ``on_eof`` callbacks when
+      it ends, however it ends.
+    """
+    original_run, original_read = TCPServer.run, TCPServer._read_data
+    if getattr(original_run, "_kep_direct", False):
         return
 
     async def run(self: TCPServer) -> None:
         _CONNECTION.set(self)
-        await original(self)
+        await original_run(self)
+
+    async def read_data(self: TCPServer) -> None:
+        try:
+            await original_read(self)
+        finally:
+            self._kep_eof = True  # type: ignore[attr-defined]
+            for callback in list(self.__dict__.get("_kep_on_eof", ())):
+                callback()
 
     run._kep_direct = True  # type: ignore[attr-defined]
     TCPServer.run = run  # type: ignore[method-assign]
+    TCPServer._read_data = read_data  # type: ignore[method-assign]

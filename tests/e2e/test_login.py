@@ -35,6 +35,7 @@ from ..helpers import (
     Key,
     SSEReader,
     lifecycle,
+    signed_headers,
     wait_until,
 )
 
@@ -398,6 +399,18 @@ async def test_cors_headers_for_an_allowed_origin(url: str, client: httpx.AsyncC
         assert response.headers["access-control-allow-origin"] == DASH
         assert response.headers["access-control-allow-credentials"] == "true"
         assert "Origin" in response.headers.get_list("vary", split_commas=True)
+
+
+async def test_cors_headers_on_an_admitted_stream(url: str, client: httpx.AsyncClient) -> None:
+    # The stream's head is quart's answer (hooks included), sent after quart finished.
+    target = f"{url}{EVENTS_PATH}"
+    headers = signed_headers(target, USER1) | {"Origin": DASH}
+    async with client.stream("GET", target, headers=headers) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
+        assert response.headers["access-control-allow-origin"] == DASH
+        assert response.headers["access-control-allow-credentials"] == "true"
+        assert "content-length" not in response.headers
 
 
 async def test_cors_preflight_for_an_allowed_origin(url: str, client: httpx.AsyncClient) -> None:

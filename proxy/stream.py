@@ -1,0 +1,228 @@
+"""One client's event stream after admission: subscribe, write, notice the end, log.
+
+Admission (authentication, filters, cursor, limits) is decided by the quart route,
+which hands back a ``StreamPlan``; app.py then ends the quart request and calls
+``StreamWriter.serve`` with the raw ASGI ``send``/``receive``. So a held stream
+keeps none of quart's request machinery (its request and response objects, and the
+nursery of two tasks quart-trio runs each request in), only what it needs:
+
+- its ``Subscription`` in the hub (policy, filters, bounded outbox);
+- the writer, on one of two paths. Direct (direct.py: plain HTTP/1.1): the hub writes
+  the frames itself, and this task wakes only for what the hub cannot do (the
+  opening position, catch-ups, a full socket, the end). ASGI (TLS, HTTP/2,
+  HTTP/1.0): this task takes the outbox and ``send``s it, coalesced.
+- the end of the client: for HTTP/1.x, the connection's read loop ending
+  (``direct.on_eof``), which cancels the writer; for HTTP/2, where a client can
+  reset one stream of a connection, a second task waiting for ``http.disconnect``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from . import direct, sse
+from .eventid import Cursor
+from .hub import Hub, Subscription, encode, gap_frame
+from .metrics import Metrics
+from .policy import Filters, Principal, visible
+from .upstream import Fetched
+
+log = logging.getLogger(__name__)
+
+# Reads (after, until] of a log from the upstream, for clients older than the history.
+Fetch = Callable[[str, int, int], Awaitable[Fetched]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[Mapping[str, Any]]]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPlan:
+    """What admission decided: who, what they see, where they resume, how positioned."""
+
+    principal: Principal
+    filters: Filters
+    cursor: Cursor | None
+    positions: bool  # id-only position blocks (text/event-stream clients)
+    peer: str | None
+
+
+@dataclass(frozen=True)
+class StreamWriter:
+    hub: Hub
+    fetch: Fetch
+    metrics: Metrics
+
+    async def serve(
+        self, plan: StreamPlan, scope: Mapping[str, Any], receive: Receive, send: Send
+    ) -> None:
+        """Write the stream's body (the response head is already sent) until it ends."""
+        hub = self.hub
+        started = time.monotonic()
+        with hub.subscribe(
+            plan.principal, plan.filters, plan.cursor, positions=plan.positions
+        ) as sub:
+            # Taken with the subscription, atomically: everything up to here is not
+            # this client's to receive, so a reconnect from here loses nothing.
+            start = hub.position() if plan.positions and plan.cursor is None else None
+            first = sse.encode_position(start) if start is not None else None
+            fields = _log_fields(plan)
+            log.info(
+                "stream open: %s (%s) filters=%s resume=%s",
+                plan.principal.access_key,
+                plan.principal.role.value,
+                fields["filters"],
+                fields["resume"],
+                extra={"event": "stream_open", **fields},
+            )
+            try:
+                await self._until_gone(sub, scope, receive, send, first)
+            finally:
+                duration = round(time.monotonic() - started, 3)
+                reason = sub.outbox.reason or "client-gone"
+                log.info(
+                    "stream closed: %s after %.1fs, %d events sent, reason=%s",
+                    plan.principal.access_key,
+                    duration,
+                    sub.outbox.sent,
+                    reason,
+                    extra={
+                        "event": "stream_close",
+                        **fields,
+                        "duration_s": duration,
+                        "events_sent": sub.outbox.sent,
+                        "reason": reason,
+                    },
+                )
+
+    async def _until_gone(
+        self,
+        sub: Subscription,
+        scope: Mapping[str, Any],
+        receive: Receive,
+        send: Send,
+        first: bytes | None,
+    ) -> None:
+        connection = direct.current_connection()
+        if connection is not None and scope.get("http_version") in ("1.0", "1.1"):
+            # The client leaving ends the connection's read loop: no task needed.
+            with trio.CancelScope() as cancel:
+                forget = direct.on_eof(connection, cancel.cancel)
+                try:
+                    await self._write(sub, scope, send, first)
+                finally:
+                    forget()
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            await self._write(sub, scope, send, first)
+            nursery.cancel_scope.cancel()
+
+    async def _write(
+        self, sub: Subscription, scope: Mapping[str, Any], send: Send, first: bytes | None
+    ) -> None:
+        sink = direct.current_sink(scope)
+        if sink is None:
+            await self._asgi(sub, send, first)
+            return
+        # A write failing means the client went away mid-write.
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._direct(sub, sink, first)
+
+    async def _asgi(self, sub: Subscription, send: Send, first: bytes | None) -> None:
+        """The ASGI path: every write is an ASGI ``send`` (TLS, HTTP/2, HTTP/1.0)."""
+
+        async def write(data: bytes) -> None:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        if first is not None:
+            await write(first)
+        outbox = sub.outbox
+        while True:
+            # Heartbeats arrive through the outbox too (Hub.run_heartbeats).
+            since = outbox.since
+            frames = [] if sub.catchup is not None else await outbox.take()
+            # A catch-up (set at subscribe time, or by the first publish after it)
+            # comes before anything queued: those events are older.
+            while sub.catchup is not None:
+                chunk = await self._catch_up(sub)
+                if chunk:
+                    await write(chunk)
+            if frames:
+                self.metrics.delivery_latency.observe(time.monotonic() - since)
+                # Coalesce: everything queued goes out in one write.
+                await write(frames[0] if len(frames) == 1 else b"".join(frames))
+            if outbox.closed and not len(outbox):
+                return
+
+    async def _direct(self, sub: Subscription, sink: direct.ChunkSink, first: bytes | None) -> None:
+        """The direct path: the hub writes while this task idles (see direct.py).
+
+        This task writes only what the hub cannot: the opening position, catch-ups,
+        what a full socket did not take, and the end of a closed stream.
+        """
+        outbox = sub.outbox
+        self.hub.attach_sink(sub, sink)  # busy: the hub queues for this task until idle
+        if first is not None:
+            await sink.write(direct.chunk(first))
+        while True:
+            while sub.catchup is not None:
+                chunk = await self._catch_up(sub)
+                if chunk:
+                    await sink.write(direct.chunk(chunk))
+            if outbox.stalled:
+                stalled, outbox.stalled = outbox.stalled, b""
+                await sink.write(stalled)
+            if len(outbox):
+                since = outbox.since
+                frames = outbox.take_now()
+                await sink.write(direct.chunk(b"".join(frames)))
+                self.metrics.delivery_latency.observe(time.monotonic() - since)
+                continue
+            if outbox.closed:
+                return
+            await outbox.idle()
+
+    async def _catch_up(self, sub: Subscription) -> bytes:
+        assert sub.catchup is not None
+        cursor, until = sub.catchup
+        fetched = await self.fetch(cursor.log_id, cursor.sequence, until)
+        out: list[bytes] = []
+        if fetched.gap is not None:
+            out.append(gap_frame(fetched.gap.reason, fetched.gap.after, fetched.gap.before))
+        out.extend(
+            encode(cursor.log_id, event)
+            for event in fetched.events
+            if visible(sub.principal, sub.filters, event)
+        )
+        done = fetched.reached >= until or fetched.reached <= cursor.sequence
+        sub.catchup = None if done else (Cursor(cursor.log_id, fetched.reached), until)
+        sub.outbox.sent += len(out)
+        return b"".join(out)
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+def _log_fields(plan: StreamPlan) -> dict[str, Any]:
+    filters = plan.filters
+    return {
+        "access_key": plan.principal.access_key,
+        "role": plan.principal.role.value,
+        "filters": {
+            "sessionId": filters.session,
+            "ownerAccessKey": filters.owner,
+            "group": filters.group,
+        },
+        "resume": str(plan.cursor) if plan.cursor else None,
+        "peer": plan.peer,
+    }
