@@ -27,6 +27,9 @@ from .policy import Filters, IndexKey, Principal, event_keys, index_key, visible
 
 log = logging.getLogger(__name__)
 
+# Subscribers who see the same events: the same principal with the same filters.
+Audience = tuple[Principal, Filters]
+
 PING: Final = sse.encode_comment("ping")
 GAP_EVENT: Final = "stream_gap"
 OVERFLOW_EVENT: Final = "stream_overflow"
@@ -147,12 +150,12 @@ class Outbox:
     def discard(self) -> None:
         self._frames.clear()
 
-    def take_now(self) -> list[bytes]:
+    def take_now(self, now: float | None = None) -> list[bytes]:
         """Everything queued, at once (counting the events among it as sent)."""
         frames, self._frames = self._frames, []
         self.taken_beats, self._beats = self._beats, 0
         self.sent += len(frames) - self.taken_beats
-        self.last_activity = time.monotonic()
+        self.last_activity = time.monotonic() if now is None else now
         return frames
 
     async def take(self) -> list[bytes]:
@@ -167,7 +170,7 @@ class Outbox:
         while not self.busy:
             await self._lot.park()
 
-    def flush(self) -> float | None:
+    def flush(self, now: float) -> float | None:
         """Direct mode: write what is queued now, without waiting.
 
         Returns how long the oldest frame waited, or None if nothing was written. What
@@ -176,8 +179,8 @@ class Outbox:
         """
         if self.busy or not self._frames or self.sink is None:
             return None
-        waited = time.monotonic() - self.since
-        frames = self.take_now()
+        waited = now - self.since
+        frames = self.take_now(now)
         try:
             rest = self.sink.try_write(chunk(frames[0] if len(frames) == 1 else b"".join(frames)))
         except OSError:
@@ -236,7 +239,9 @@ def gap_frame(reason: str, after: str | None, before: str | None) -> bytes:
 
 class Hub:
     def __init__(self, *, history_size: int, outbox_limit: int) -> None:
-        self._buckets: dict[IndexKey, set[Subscription]] = {}
+        # The recipient index: bucket key -> audience (who, with which filters) -> the
+        # subscriptions of that audience. ``visible`` is decided once per audience.
+        self._buckets: dict[IndexKey, dict[Audience, set[Subscription]]] = {}
         self._history: deque[_Entry] = deque(maxlen=history_size or None)
         self._history_size = history_size
         self._outbox_limit = outbox_limit
@@ -285,8 +290,9 @@ class Hub:
         if not queue:
             return
         on_write = self.on_write
+        now = time.monotonic()
         for outbox in queue:  # flushing never queues: nothing is added meanwhile
-            waited = outbox.flush()
+            waited = outbox.flush(now)
             if waited is not None:
                 if on_write is not None:
                     on_write(waited)
@@ -313,7 +319,9 @@ class Hub:
             self._replay(sub, after)
         if self.closing:
             sub.outbox.close("shutdown", _server_close_frame())
-        self._buckets.setdefault(sub.key, set()).add(sub)
+        audience = (principal, filters)
+        groups = self._buckets.setdefault(sub.key, {})
+        groups.setdefault(audience, set()).add(sub)
         self.clients += 1
         self.clients_by_role[principal.role.value] += 1
         try:
@@ -321,10 +329,12 @@ class Hub:
         finally:
             self.clients -= 1
             self.clients_by_role[principal.role.value] -= 1
-            bucket = self._buckets[sub.key]
-            bucket.discard(sub)
-            if not bucket:
-                del self._buckets[sub.key]
+            members = groups[audience]
+            members.discard(sub)
+            if not members:
+                del groups[audience]
+                if not groups:
+                    del self._buckets[sub.key]
             if sub.resume is not None:
                 self._pending.remove(sub)
             sub.outbox.discard()
@@ -412,20 +422,21 @@ class Hub:
             if self._history_size:
                 self._history.append(_Entry(log_id, event.sequence, event, frame))
             for key in event_keys(event):
-                bucket = buckets.get(key)
-                if not bucket:
+                groups = buckets.get(key)
+                if groups is None:
                     continue
-                for sub in bucket:
-                    if not visible(sub.principal, sub.filters, event):
+                for (principal, filters), members in groups.items():
+                    if not visible(principal, filters, event):
                         continue
-                    if sub.skip_log is not None:
-                        if sub.skip_log == log_id and event.sequence <= sub.skip_until:
-                            continue
-                        sub.skip_log = None
-                    if sub.outbox.put(frame):
-                        delivered += 1
-                    else:
-                        self._drop_slow(sub)
+                    for sub in members:
+                        if sub.skip_log is not None:
+                            if sub.skip_log == log_id and event.sequence <= sub.skip_until:
+                                continue
+                            sub.skip_log = None
+                        if sub.outbox.put(frame):
+                            delivered += 1
+                        else:
+                            self._drop_slow(sub)
         self.delivered += delivered
         if events:
             self.log_id = log_id
@@ -440,12 +451,16 @@ class Hub:
         log.warning("stream gap (%s): after %s, before %s", reason, after, before)
         if self._history_size:
             self._history.append(_Entry(self.log_id or "", self.last_sequence, None, frame))
-        for bucket in self._buckets.values():
-            for sub in bucket:
-                if not sub.outbox.put(frame):
-                    self._drop_slow(sub)
+        for sub in self._subscriptions():
+            if not sub.outbox.put(frame):
+                self._drop_slow(sub)
         if not self._batching:
             self.flush()
+
+    def _subscriptions(self) -> Iterator[Subscription]:
+        for groups in self._buckets.values():
+            for members in groups.values():
+                yield from members
 
     def position(self) -> str | None:
         """The id of the newest event published, if any."""
@@ -485,37 +500,34 @@ class Hub:
             await trio.sleep(tick)
             now = time.monotonic()
             due = now - interval
-            for bucket in self._buckets.values():
-                for sub in bucket:
-                    outbox = sub.outbox
-                    if outbox.last_activity > due or len(outbox) or outbox.closed:
-                        continue
-                    if sub.catchup is not None:
-                        continue
-                    # The heartbeat also carries the position when nothing is pending
-                    # for this client, so a narrow filter does not leave its cursor far
-                    # behind.
-                    position = self.position() if sub.positions and self.settled(sub) else None
-                    outbox.beat(sse.encode_position(position, "ping") if position else PING)
-                    outbox.last_activity = now
+            for sub in self._subscriptions():
+                outbox = sub.outbox
+                if outbox.last_activity > due or len(outbox) or outbox.closed:
+                    continue
+                if sub.catchup is not None:
+                    continue
+                # The heartbeat also carries the position when nothing is pending
+                # for this client, so a narrow filter does not leave its cursor far
+                # behind.
+                position = self.position() if sub.positions and self.settled(sub) else None
+                outbox.beat(sse.encode_position(position, "ping") if position else PING)
+                outbox.last_activity = now
             self.flush()
 
     def revoke(self, access_keys: set[str]) -> int:
         """Close the streams of credentials that were revoked or changed."""
         closed = 0
-        for bucket in self._buckets.values():
-            for sub in bucket:
-                if sub.principal.access_key in access_keys and not sub.outbox.closed:
-                    sub.outbox.close("revoked", _server_close_frame("credentials-revoked"))
-                    closed += 1
+        for sub in self._subscriptions():
+            if sub.principal.access_key in access_keys and not sub.outbox.closed:
+                sub.outbox.close("revoked", _server_close_frame("credentials-revoked"))
+                closed += 1
         return closed
 
     def close(self) -> None:
         """Shutdown: every client gets ``server_close`` after what it has queued."""
         self.closing = True
-        for bucket in self._buckets.values():
-            for sub in bucket:
-                sub.outbox.close("shutdown", _server_close_frame())
+        for sub in self._subscriptions():
+            sub.outbox.close("shutdown", _server_close_frame())
 
 
 def _server_close_frame(reason: str = "server-shutdown") -> bytes:
