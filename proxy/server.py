@@ -7,6 +7,7 @@ cancel the upstream subscription (which reaches ``call.cancel()``).
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 from collections.abc import Callable
@@ -14,9 +15,11 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import h11
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import serve
 from hypercorn.trio.tcp_server import TCPServer
 from prometheus_client import make_asgi_app
@@ -100,6 +103,58 @@ def _close_even_when_cancelled() -> None:
 
 
 _close_even_when_cancelled()
+
+
+# What the HTTP layer refuses before any route sees it, in the API's JSON error shape.
+_FRAMING_ERRORS: dict[int, tuple[str, str, str]] = {
+    400: ("bad-request", "Bad Request", "the request is not valid HTTP/1.1"),
+    431: (
+        "headers-too-large",
+        "Request Header Fields Too Large",
+        "the request head is larger than this server accepts (limits.max_header_bytes)",
+    ),
+}
+
+
+def _json_framing_errors() -> None:
+    """Answer malformed HTTP/1.1 (h11's ``RemoteProtocolError``) with a JSON body.
+
+    Hypercorn answers a request h11 cannot parse (a bad request line, a header without
+    a colon, a head past ``h11_max_incomplete_size``) with an empty 400/431. Every
+    other refusal of this API carries ``{status, error, title, detail}``; so do these.
+    The connection is closed afterwards, as before.
+    """
+    original = H11Protocol._send_error_response
+    if getattr(original, "_kep_json", False):
+        return
+
+    async def _send_error_response(self: H11Protocol, status_code: int) -> None:
+        error, title, detail = _FRAMING_ERRORS.get(
+            status_code, ("bad-request", "Bad Request", "the request could not be parsed")
+        )
+        body = json.dumps(
+            {"status": status_code, "error": error, "title": title, "detail": detail},
+            separators=(",", ":"),
+        ).encode()
+        await self._send_h11_event(
+            h11.Response(
+                status_code=status_code,
+                headers=[
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                    *self.config.response_headers("h11"),
+                ],
+            )
+        )
+        await self._send_h11_event(h11.Data(data=body))
+        await self._send_h11_event(h11.EndOfMessage())
+
+    _send_error_response._kep_json = True  # type: ignore[attr-defined]
+    H11Protocol._send_error_response = _send_error_response  # type: ignore[method-assign]
+
+
+_json_framing_errors()
 direct.install()
 
 

@@ -7,6 +7,7 @@ slowed or refused because of it.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -227,6 +228,34 @@ async def test_large_headers_are_431_json_and_huge_ones_are_cut_by_the_http_laye
         await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 12_000)
         answer = await read_until_closed(stream, 5)
         assert answer.startswith(b"HTTP/1.1 431"), answer[:100]
+        body = json.loads(answer.partition(b"\r\n\r\n")[2])
+        assert body["status"] == 431
+        assert body["error"] == "headers-too-large"
+        await stream.aclose()
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\nHost: x\r\n\r\n",
+    ],
+)
+async def test_malformed_http_is_a_json_400(
+    upstream: UpstreamServer, nursery: trio.Nursery, request_bytes: bytes
+) -> None:
+    async with limited_proxy(nursery, upstream.target) as proxy:
+        stream = await raw_connect(proxy.url)
+        await stream.send_all(request_bytes)
+        answer = await read_until_closed(stream, 5)
+        head, _, raw_body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400"), answer[:100]
+        assert b"content-type: application/json" in head.lower()
+        body = json.loads(raw_body)
+        assert body["status"] == 400
+        assert body["error"] == "bad-request"
+        assert body["detail"]
         await stream.aclose()
 
 
