@@ -15,6 +15,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Final
 
 import trio
@@ -23,12 +24,22 @@ from . import sse
 from .direct import ChunkSink, chunk
 from .eventid import Cursor, format_id
 from .events import Event
-from .policy import Filters, IndexKey, Principal, event_keys, index_key, visible
+from .policy import Filters, IndexKey, Principal, index_key, visible
 
 log = logging.getLogger(__name__)
 
 # Subscribers who see the same events: the same principal with the same filters.
 Audience = tuple[Principal, Filters]
+# Each index kind and the event field its bucket value comes from: exactly the keys of
+# policy.event_keys (a property test checks they agree), read without building them.
+_EVENT_FIELDS: Final[tuple[tuple[str, Callable[[Event], str]], ...]] = (
+    ("session", attrgetter("session_id")),
+    ("owner", attrgetter("owner_access_key")),
+    ("user", attrgetter("user_id")),
+    ("group", attrgetter("group_name")),
+    ("domain", attrgetter("domain_name")),
+    ("all", lambda event: ""),
+)
 
 PING: Final = sse.encode_comment("ping")
 GAP_EVENT: Final = "stream_gap"
@@ -239,9 +250,13 @@ def gap_frame(reason: str, after: str | None, before: str | None) -> bytes:
 
 class Hub:
     def __init__(self, *, history_size: int, outbox_limit: int) -> None:
-        # The recipient index: bucket key -> audience (who, with which filters) -> the
-        # subscriptions of that audience. ``visible`` is decided once per audience.
-        self._buckets: dict[IndexKey, dict[Audience, set[Subscription]]] = {}
+        # The recipient index: bucket kind -> value -> audience (who, with which
+        # filters) -> its subscriptions. ``visible`` is decided once per audience. An
+        # event is looked up by its value for each kind (``_EVENT_FIELDS``, the same
+        # keys as ``policy.event_keys``), in the kinds that have subscribers at all.
+        self._index: dict[str, dict[str, dict[Audience, set[Subscription]]]] = {
+            kind: {} for kind, _ in _EVENT_FIELDS
+        }
         self._history: deque[_Entry] = deque(maxlen=history_size or None)
         self._history_size = history_size
         self._outbox_limit = outbox_limit
@@ -320,7 +335,9 @@ class Hub:
         if self.closing:
             sub.outbox.close("shutdown", _server_close_frame())
         audience = (principal, filters)
-        groups = self._buckets.setdefault(sub.key, {})
+        kind, value = sub.key
+        buckets = self._index[kind]
+        groups = buckets.setdefault(value, {})
         groups.setdefault(audience, set()).add(sub)
         self.clients += 1
         self.clients_by_role[principal.role.value] += 1
@@ -334,7 +351,7 @@ class Hub:
             if not members:
                 del groups[audience]
                 if not groups:
-                    del self._buckets[sub.key]
+                    del buckets[value]
             if sub.resume is not None:
                 self._pending.remove(sub)
             sub.outbox.discard()
@@ -415,14 +432,15 @@ class Hub:
         """Deliver consecutive events of one upstream log to every matching client."""
         if events and self._pending:
             self._settle_pending(log_id, events[0])
-        buckets = self._buckets
+        # (buckets, value of the event) per kind that has any subscriber, found once.
+        kinds = [(self._index[kind], field) for kind, field in _EVENT_FIELDS if self._index[kind]]
         delivered = 0
         for event in events:
             frame = encode(log_id, event)
             if self._history_size:
                 self._history.append(_Entry(log_id, event.sequence, event, frame))
-            for key in event_keys(event):
-                groups = buckets.get(key)
+            for buckets, field in kinds:
+                groups = buckets.get(field(event))
                 if groups is None:
                     continue
                 for (principal, filters), members in groups.items():
@@ -458,9 +476,10 @@ class Hub:
             self.flush()
 
     def _subscriptions(self) -> Iterator[Subscription]:
-        for groups in self._buckets.values():
-            for members in groups.values():
-                yield from members
+        for buckets in self._index.values():
+            for groups in buckets.values():
+                for members in groups.values():
+                    yield from members
 
     def position(self) -> str | None:
         """The id of the newest event published, if any."""

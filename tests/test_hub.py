@@ -94,7 +94,16 @@ def test_subscription_released_on_exit() -> None:
     with hub.subscribe(USER, Filters(session="s1", owner="AK1")):
         assert hub.clients == 1
     assert hub.clients == 0
-    assert hub._buckets == {}
+    assert all(buckets == {} for buckets in hub._index.values())
+
+
+@given(events)
+def test_the_hub_looks_events_up_under_exactly_policy_event_keys(event: Event) -> None:
+    # The proof that the index never hides an event is about policy.event_keys; the hub
+    # reads the same keys straight from the event's fields.
+    keys = tuple((kind, field(event)) for kind, field in hub_module._EVENT_FIELDS)
+    assert keys == policy.event_keys(event)
+    assert set(Hub(history_size=0, outbox_limit=1)._index) == {k for k, _ in keys}
 
 
 def test_slow_client_is_dropped_with_a_reason_others_unaffected() -> None:
