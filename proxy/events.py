@@ -7,7 +7,8 @@ and ``client_payload`` the one place the wire JSON for SSE clients is decided.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import Any, Final
 
 import orjson
@@ -24,6 +25,11 @@ _ENUM_BY_RESULT: Final = {v: k for k, v in _RESULT_BY_ENUM.items()}
 # Names are an open set, but they become an SSE `event:` line: nothing that could end
 # the line or be mistaken for framing may pass. Printable, no spaces, bounded.
 _NAME_RE: Final = re.compile(r"[\x21-\x7e]{1,128}")
+# Names are a small set in practice: the ones found valid are remembered, each with
+# whether it ends in a termination suffix (a bounded number of them, so an upstream
+# cycling through names costs time, never memory).
+_VALID_NAMES: Final[dict[str, bool]] = {}
+_MAX_VALID_NAMES: Final = 1024
 # The proxy's own stream notices (hub.GAP_EVENT, OVERFLOW_EVENT, SERVER_CLOSE_EVENT): an
 # upstream event by one of these names would pass for one (the official SDK stops
 # listening on server_close), so the upstream may not use them.
@@ -62,8 +68,12 @@ class Event:
             "reason": self.reason,
         }
         result = self.result
-        if result is None and self.name.endswith(_TERMINATION_SUFFIXES):
-            result = "UNDEFINED"
+        if result is None:
+            terminal = _VALID_NAMES.get(self.name)
+            if terminal is None:
+                terminal = self.name.endswith(_TERMINATION_SUFFIXES)
+            if terminal:
+                result = "UNDEFINED"
         if result is not None:
             payload["result"] = result
         if self.kernel_id:
@@ -80,35 +90,68 @@ class Event:
         return self.client_json_bytes().decode("utf-8")
 
 
+# A mutable twin of Event: the same slots in the same order, filled by plain assignment.
+# A frozen dataclass sets each field through object.__setattr__ (about 1 µs for the
+# twelve); from_proto fills a twin instead and then relabels it as an Event (CPython
+# allows changing __class__ between classes of identical layout). The result is an
+# ordinary, frozen Event: same fields, equality, hash and repr.
+_EventDraft: Final[Callable[..., Any]] = dataclass(slots=True)(
+    type("_EventDraft", (), {"__annotations__": {f.name: f.type for f in fields(Event)}})
+)
+
+
 def valid_name(name: str) -> bool:
-    return _NAME_RE.fullmatch(name) is not None and name not in RESERVED_NAMES
+    if name in _VALID_NAMES:
+        return True
+    if _NAME_RE.fullmatch(name) is None or name in RESERVED_NAMES:
+        return False
+    if len(_VALID_NAMES) >= _MAX_VALID_NAMES:
+        _VALID_NAMES.clear()
+    _VALID_NAMES[name] = name.endswith(_TERMINATION_SUFFIXES)
+    return True
 
 
-def from_proto(msg: pb.LifecycleEvent) -> Event:
-    """Convert one upstream message; raise MalformedEvent if it cannot be forwarded."""
-    if not valid_name(msg.name):
-        raise MalformedEvent(f"event {msg.sequence}: invalid name {msg.name!r}")
-    if msg.sequence == 0:
-        raise MalformedEvent(f"event {msg.name!r} has no sequence")
-    if msg.ByteSize() > MAX_EVENT_BYTES:
-        raise MalformedEvent(f"event {msg.sequence}: larger than {MAX_EVENT_BYTES} bytes")
-    ts = msg.timestamp.seconds + msg.timestamp.nanos / 1e9 if msg.HasField("timestamp") else 0.0
-    return Event(
-        sequence=msg.sequence,
-        name=msg.name,
-        session_id=msg.session_id,
-        kernel_id=msg.kernel_id,
-        owner_access_key=msg.owner_access_key,
-        user_id=msg.user_id,
-        domain_name=msg.domain_name,
-        group_name=msg.group_name,
-        reason=msg.reason if msg.HasField("reason") else None,
+def from_proto(msg: pb.LifecycleEvent, *, small: bool = False) -> Event:
+    """Convert one upstream message; raise MalformedEvent if it cannot be forwarded.
+
+    ``small``: the caller knows the message is within MAX_EVENT_BYTES (the response
+    that carries it is), so it is not measured again.
+    """
+    name = msg.name
+    sequence = msg.sequence
+    if name not in _VALID_NAMES and not valid_name(name):
+        raise MalformedEvent(f"event {sequence}: invalid name {name!r}")
+    if sequence == 0:
+        raise MalformedEvent(f"event {name!r} has no sequence")
+    if not small and msg.ByteSize() > MAX_EVENT_BYTES:
+        raise MalformedEvent(f"event {sequence}: larger than {MAX_EVENT_BYTES} bytes")
+    # An absent timestamp reads as 0 s + 0 ns: 0.0, as documented, without HasField.
+    ts = msg.timestamp
+    # A non-empty string or non-zero code is present; only the default needs HasField.
+    reason: str | None = msg.reason
+    if not reason and not msg.HasField("reason"):
+        reason = None
+    exit_code: int | None = msg.exit_code
+    if not exit_code and not msg.HasField("exit_code"):
+        exit_code = None
+    event: Event = _EventDraft(  # fields in Event's order
+        sequence,
+        name,
+        msg.session_id,
+        msg.kernel_id,
+        msg.owner_access_key,
+        msg.user_id,
+        msg.domain_name,
+        msg.group_name,
+        reason,
         # An enum value this build does not know arrives as a bare int: treat it as
         # unspecified rather than inventing a meaning.
-        result=_RESULT_BY_ENUM.get(msg.result),
-        exit_code=msg.exit_code if msg.HasField("exit_code") else None,
-        timestamp=ts,
+        _RESULT_BY_ENUM.get(msg.result),
+        exit_code,
+        ts.seconds + ts.nanos / 1e9,
     )
+    event.__class__ = Event
+    return event
 
 
 def to_proto(event: Event) -> pb.LifecycleEvent:

@@ -105,16 +105,23 @@ def resolve_filters(
     return Filters(session=session, owner=owner, group=group)
 
 
+# The roles as module constants: visible() runs per event and recipient, and looking a
+# member up on the enum class (Role.USER) costs several times a global's lookup.
+_USER: Final = Role.USER
+_ADMIN: Final = Role.ADMIN
+_SUPERADMIN: Final = Role.SUPERADMIN
+
+
 def visible(principal: Principal, filters: Filters, event: Event) -> bool:
     """May this principal, with these filters, receive this event?"""
     role = principal.role
-    if role is Role.USER:
+    if role is _USER:
         if event.user_id != principal.user_id or event.domain_name != principal.domain:
             return False
-    elif role is Role.ADMIN:
+    elif role is _ADMIN:
         if event.domain_name != principal.domain:
             return False
-    elif role is not Role.SUPERADMIN:  # pragma: no cover - deny anything unforeseen
+    elif role is not _SUPERADMIN:  # pragma: no cover - deny anything unforeseen
         return False
     return (
         (filters.group is None or filters.group == event.group_name)

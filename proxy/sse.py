@@ -7,6 +7,8 @@ frames of its own.
 
 from __future__ import annotations
 
+from typing import Final
+
 
 def _check_field(kind: str, value: str) -> None:
     if "\n" in value or "\r" in value or "\x00" in value:
@@ -33,15 +35,44 @@ def encode_event(name: str, data: str, event_id: str | None = None) -> bytes:
 def encode_json_event(name: str, data: bytes, event_id: str) -> bytes:
     """The same frame as ``encode_event``, for data that is one line of UTF-8 JSON.
 
-    The hot path: every upstream event is encoded this way once.
+    The hot path: every upstream event is encoded this way once. Names repeat, so a
+    name is checked (and its line encoded) once, then only looked up; ``data`` and
+    ``event_id`` are still checked every time. Anything else takes the full path.
     """
-    if b"\n" in data or b"\r" in data:  # not one line after all: the general path
+    line = _EVENT_LINES.get(name)
+    # 10 and 13 are LF and CR: testing bytes for an int is far cheaper than for b"\n".
+    if (
+        line is None
+        or 10 in data
+        or 13 in data
+        or "\n" in event_id
+        or "\r" in event_id
+        or "\x00" in event_id
+    ):
+        return _encode_json_event(name, data, event_id)
+    return b"id: %s\n%sdata: %s\n\n" % (event_id.encode(), line, data)
+
+
+# Event names that passed the checks, with their encoded `event:` line. There are few
+# (the kinds of lifecycle event); the bounds keep a stream of odd names from growing it.
+_EVENT_LINES: Final[dict[str, bytes]] = {}
+_MAX_EVENT_LINES: Final = 1024
+_MAX_CACHED_NAME: Final = 256
+
+
+def _encode_json_event(name: str, data: bytes, event_id: str) -> bytes:
+    if 10 in data or 13 in data:  # not one line after all: the general path
         return encode_event(name, data.decode("utf-8"), event_id)
     _check_field("event name", name)
     _check_field("id", event_id)
     if not name:
         raise ValueError("SSE event name must not be empty (clients would see 'message')")
-    return b"id: %s\nevent: %s\ndata: %s\n\n" % (event_id.encode(), name.encode(), data)
+    line = f"event: {name}\n".encode()
+    if len(name) <= _MAX_CACHED_NAME:
+        if len(_EVENT_LINES) >= _MAX_EVENT_LINES:
+            _EVENT_LINES.clear()
+        _EVENT_LINES[name] = line
+    return b"id: %s\n%sdata: %s\n\n" % (event_id.encode(), line, data)
 
 
 def encode_comment(text: str = "") -> bytes:

@@ -28,7 +28,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from ._pb.kernel_events.v1 import events_pb2 as pb
 from .config import UpstreamSettings
 from .eventid import format_id, valid_log_id
-from .events import Event, MalformedEvent, from_proto
+from .events import MAX_EVENT_BYTES, Event, MalformedEvent, from_proto
 from .hub import Hub
 
 log = logging.getLogger(__name__)
@@ -364,10 +364,11 @@ class UpstreamBridge:
         self.sequencer.attach(log_id, response.head_sequence)
         self._hub.attach(log_id, self.sequencer.last)
         self.received += len(response.events)
+        small = _within_event_limit(response)
         events: list[Event] = []
         for msg in response.events:
             try:
-                events.append(from_proto(msg))
+                events.append(from_proto(msg, small=small))
             except MalformedEvent as exc:
                 self.malformed += 1
                 log.warning("skipping malformed upstream event: %s", exc)
@@ -442,6 +443,23 @@ def _fetched(
         )
         reached = until
     return Fetched(events, reached, gap)
+
+
+def _within_event_limit(response: pb.SubscribeResponse) -> bool:
+    """True if no event in ``response`` can be larger than MAX_EVENT_BYTES (cheaply).
+
+    An event is never larger than the response that carries it, and measuring a
+    response costs about half of measuring each of its events; so a batch is measured
+    whole when, judging by its first event, it may well be within the limit. Either
+    way an event is refused if and only if it is too large: this only picks the
+    cheaper way to find out.
+    """
+    events = response.events
+    return (
+        len(events) > 1
+        and len(events) * events[0].ByteSize() <= MAX_EVENT_BYTES
+        and response.ByteSize() <= MAX_EVENT_BYTES
+    )
 
 
 def decode_response(data: bytes) -> tuple[pb.SubscribeResponse, int]:

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import FrozenInstanceError, replace
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy import events as events_module
 from proxy._pb.kernel_events.v1 import events_pb2 as pb
-from proxy.events import RESULTS, Event, MalformedEvent, from_proto, to_proto, valid_name
+from proxy.events import (
+    MAX_EVENT_BYTES,
+    RESERVED_NAMES,
+    RESULTS,
+    Event,
+    MalformedEvent,
+    from_proto,
+    to_proto,
+    valid_name,
+)
 from proxy.sse import encode_event
 
 MAX_SEQUENCE = 2**64 - 1
@@ -461,3 +471,71 @@ def test_event_is_immutable() -> None:
     event = from_proto(message())
     with pytest.raises(AttributeError):
         event.name = "other"  # type: ignore[misc]
+
+
+# --- The fast construction path gives an ordinary Event --------------------------------
+
+
+def test_from_proto_gives_a_plain_frozen_event_equal_to_a_constructed_one() -> None:
+    msg = message(
+        "kernel_terminated", sequence=5, kernel_id="k", reason="r", result=pb.RESULT_FAILURE
+    )
+    msg.exit_code = 137
+    msg.timestamp.seconds = 1_700_000_000
+    event = from_proto(msg)
+    expected = Event(
+        sequence=5,
+        name="kernel_terminated",
+        session_id="mysession-01",
+        kernel_id="k",
+        owner_access_key="AKUSER1",
+        user_id="u1",
+        domain_name="default",
+        group_name="g1",
+        reason="r",
+        result="FAILURE",
+        exit_code=137,
+        timestamp=1_700_000_000.0,
+    )
+    assert type(event) is Event
+    assert event == expected
+    assert hash(event) == hash(expected)
+    assert repr(event) == repr(expected)
+    assert replace(event, reason=None) == replace(expected, reason=None)
+    with pytest.raises(FrozenInstanceError):
+        event.reason = "other"  # type: ignore[misc]
+    with pytest.raises(FrozenInstanceError):
+        del event.reason
+
+
+def test_a_present_zero_timestamp_and_an_absent_one_are_both_float_zero() -> None:
+    msg = message()
+    msg.timestamp.SetInParent()  # present, 0 s and 0 ns
+    assert msg.HasField("timestamp")
+    for m in (msg, message()):
+        timestamp = from_proto(m).timestamp
+        assert timestamp == 0.0
+        assert type(timestamp) is float
+
+
+def test_remembered_names_are_bounded_and_never_reserved_or_invalid() -> None:
+    for i in range(events_module._MAX_VALID_NAMES + 10):
+        assert valid_name(f"kernel_{i}")
+    assert len(events_module._VALID_NAMES) <= events_module._MAX_VALID_NAMES
+    for name in [*RESERVED_NAMES, "", "a b", "a\nb", "k" * 129]:
+        for _ in range(2):
+            assert not valid_name(name)
+            with pytest.raises(MalformedEvent, match="invalid name"):
+                from_proto(message(name))
+        assert name not in events_module._VALID_NAMES
+
+
+def test_small_only_spares_measuring_and_every_other_check_still_runs() -> None:
+    big = message(reason="r" * MAX_EVENT_BYTES)
+    with pytest.raises(MalformedEvent, match="larger than"):
+        from_proto(big)
+    assert from_proto(big, small=True).reason == big.reason  # the caller vouched for it
+    with pytest.raises(MalformedEvent, match="invalid name"):
+        from_proto(message("a b"), small=True)
+    with pytest.raises(MalformedEvent, match="no sequence"):
+        from_proto(message(sequence=0), small=True)

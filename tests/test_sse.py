@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.sse import encode_comment, encode_event
+from proxy import sse
+from proxy.sse import encode_comment, encode_event, encode_json_event
 
 _FORBIDDEN = ("\r", "\n", "\x00")
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -264,3 +265,49 @@ def test_concatenated_frames_parse_as_the_same_sequence_of_events(
             last_id = event_id
         expected.append(ParsedEvent(name, normalise_newlines(data), last_id))
     assert parse_stream(stream) == expected
+
+
+# --- encode_json_event: the hot path is encode_event's exact bytes --------------------
+
+
+@given(name=st.text(), data=st.text(), event_id=st.text())
+def test_encode_json_event_is_encode_event_for_any_input(
+    name: str, data: str, event_id: str
+) -> None:
+    """First call (the name is checked and remembered) and second (it is looked up):
+    the same bytes as the general encoder, or the same refusal."""
+    try:
+        expected: bytes | None = encode_event(name, data, event_id)
+    except ValueError:
+        expected = None
+    for _ in range(2):
+        try:
+            got: bytes | None = encode_json_event(name, data.encode(), event_id)
+        except ValueError:
+            got = None
+        assert got == expected
+
+
+def test_a_remembered_name_does_not_let_a_bad_id_or_multi_line_data_through() -> None:
+    encode_json_event("kernel_started", b"{}", "L:1")
+    assert "kernel_started" in sse._EVENT_LINES
+    for bad in _FORBIDDEN:
+        with pytest.raises(ValueError, match="id"):
+            encode_json_event("kernel_started", b"{}", f"L:{bad}2")
+    frame = encode_json_event("kernel_started", b'{"a":\n1,\r"b":2}', "L:3")
+    assert parse_stream(frame) == [ParsedEvent("kernel_started", '{"a":\n1,\n"b":2}', "L:3")]
+
+
+def test_refused_names_are_never_remembered() -> None:
+    for bad in ["", "a\nb", "a\rb", "a\x00b"]:
+        with pytest.raises(ValueError, match="event name"):
+            encode_json_event(bad, b"{}", "L:1")
+        assert bad not in sse._EVENT_LINES
+
+
+def test_remembered_names_are_bounded() -> None:
+    for i in range(sse._MAX_EVENT_LINES + 10):
+        encode_json_event(f"e{i}", b"{}", "L:1")
+    encode_json_event("x" * (sse._MAX_CACHED_NAME + 1), b"{}", "L:1")
+    assert len(sse._EVENT_LINES) <= sse._MAX_EVENT_LINES
+    assert all(len(name) <= sse._MAX_CACHED_NAME for name in sse._EVENT_LINES)

@@ -14,6 +14,7 @@ import trio
 from proxy._pb.kernel_events.v1 import events_pb2 as pb
 from proxy._pb.kernel_events.v1 import events_pb2_grpc as pb_grpc
 from proxy.config import UpstreamSettings
+from proxy.events import MAX_EVENT_BYTES
 from proxy.hub import Hub
 from proxy.policy import Filters, Principal, Role
 from proxy.upstream import (
@@ -356,6 +357,49 @@ def _batch(log_id: str, head: int, *events: bytes) -> bytes:
     for event in events:
         out += b"\x12" + _varint(len(event)) + event
     return out
+
+
+def test_apply_refuses_oversized_events_however_the_batch_is_measured() -> None:
+    """Only a response over MAX_EVENT_BYTES can hold an event over it: then each of its
+    events is measured (unknown fields count too), and only those over it are refused."""
+    hub = Hub(history_size=2000, outbox_limit=2000)
+    bridge = bridge_for("127.0.0.1:1", hub)
+    with hub.subscribe(SUPER, Filters()) as sub:
+        bridge._apply(pb.SubscribeResponse(log_id="L", head_sequence=0))
+        small = [lifecycle("kernel_started", f"s{i}", USER1, sequence=i) for i in (1, 2)]
+        bridge._apply(pb.SubscribeResponse(log_id="L", events=small))
+        big = lifecycle("kernel_started", "big", USER1, sequence=3, reason="x" * MAX_EVENT_BYTES)
+        # Over the limit only through a field this build does not know.
+        unknown = pb.LifecycleEvent.FromString(
+            lifecycle("kernel_started", "u", USER1, sequence=4).SerializeToString()
+            + b"\x9a\x06"  # field 99, length-delimited
+            + _varint(MAX_EVENT_BYTES)
+            + b"u" * MAX_EVENT_BYTES
+        )
+        fine = lifecycle("kernel_started", "s5", USER1, sequence=5)
+        bridge._apply(pb.SubscribeResponse(log_id="L", events=[big, unknown, fine]))
+        # A small first event does not vouch for the rest of its batch.
+        small_first = lifecycle("kernel_started", "s6", USER1, sequence=6)
+        big.sequence = 7
+        bridge._apply(pb.SubscribeResponse(log_id="L", events=[small_first, big]))
+        # Over the limit as a whole, every event well within it: all of them pass.
+        many = [
+            lifecycle("kernel_started", "s" * 100, USER1, sequence=i, reason="r" * 200)
+            for i in range(8, 408)
+        ]
+        batch = pb.SubscribeResponse(log_id="L", events=many)
+        assert batch.ByteSize() > MAX_EVENT_BYTES
+        bridge._apply(batch)
+        assert bridge.malformed == 3
+        assert hub.published == 404
+        assert events_in(sub.outbox._frames[:6]) == [
+            ("kernel_started", "L:1"),
+            ("kernel_started", "L:2"),
+            ("stream_gap", None),
+            ("kernel_started", "L:5"),
+            ("kernel_started", "L:6"),
+            ("stream_gap", None),
+        ]
 
 
 def _varint(n: int) -> bytes:
