@@ -693,6 +693,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = sorted(set(systems) - set(SYSTEMS)) + sorted(set(scenarios) - set(SCENARIOS))
     if unknown:
         parser.error(f"unknown system or scenario: {', '.join(unknown)}")
+    # Absolute: paths under it go into configuration files (nginx resolves relative
+    # ones against its own prefix).
+    args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     raise_fd_limit()
     bench = Bench(scale, mode_name, args.out, args.profile, args.profile_native)
