@@ -232,18 +232,23 @@ async def test_outbox_take_waits_and_coalesces() -> None:
     assert got == [[b"a", b"b"]]
 
 
-def test_publish_cost_follows_matching_clients(monkeypatch: pytest.MonkeyPatch) -> None:
-    # 2,000 non-matching users must not be visited for an event that is not theirs.
-    hub = Hub(history_size=0, outbox_limit=10)
-    visited = 0
+@pytest.fixture
+def visible_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the hub's calls of ``policy.visible`` (``calls[0]``)."""
+    calls = [0]
     real = policy.visible
 
     def counting(p: Principal, f: Filters, e: Event) -> bool:
-        nonlocal visited
-        visited += 1
+        calls[0] += 1
         return real(p, f, e)
 
     monkeypatch.setattr(hub_module, "visible", counting)
+    return calls
+
+
+def test_publish_cost_follows_matching_clients(visible_calls: list[int]) -> None:
+    # 2,000 non-matching users must not be visited for an event that is not theirs.
+    hub = Hub(history_size=0, outbox_limit=10)
     with contextlib.ExitStack() as stack:
         for i in range(2000):
             stack.enter_context(
@@ -251,7 +256,18 @@ def test_publish_cost_follows_matching_clients(monkeypatch: pytest.MonkeyPatch) 
             )
         target = random.Random(1).randrange(2000)
         hub.publish("L", [ev(1, user=f"user{target}", owner=f"AK{target}")])
-    assert visited == 1
+    assert visible_calls[0] == 1
+
+
+def test_visible_is_decided_once_per_audience(visible_calls: list[int]) -> None:
+    hub = Hub(history_size=0, outbox_limit=10)
+    admin = Principal("AKA", Role.ADMIN, "a", "default")
+    with contextlib.ExitStack() as stack:
+        subs = [stack.enter_context(hub.subscribe(SUPER, Filters())) for _ in range(500)]
+        admins = [stack.enter_context(hub.subscribe(admin, Filters())) for _ in range(500)]
+        hub.publish("L", [ev(1)])
+        assert visible_calls[0] == 2  # one per audience, not one per subscriber
+        assert all(len(s.outbox) == 1 for s in subs + admins)
 
 
 def test_attach_gives_a_position_before_any_event_and_resume_catches_up() -> None:
