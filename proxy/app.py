@@ -115,7 +115,8 @@ def create_app(
     keys: Mapping[str, Keypair] | None = None,
 ) -> QuartTrio:
     app = QuartTrio(__name__)
-    # Streams are long-lived by design; Quart's default would cut them after 60 s.
+    # No deadline on writing an answer: a slow reader is the kernel write timeout's to
+    # end (server.py). Event streams are served outside quart (_serve_streams).
     app.config["RESPONSE_TIMEOUT"] = None
     # The live key set (reloaded from the keypairs file), or the configured one.
     keypairs: Mapping[str, Keypair] = keys if keys is not None else settings.keypair_index()
@@ -315,7 +316,6 @@ def create_app(
         response = Response(b"", content_type="text/event-stream; charset=utf-8")
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"
-        response.timeout = None
         return response
 
     _guard_asgi(app, slots, writer)
