@@ -45,6 +45,7 @@ SCENARIOS: Final = ("ingest", "fanout", "selective", "connections", "churn")
 @dataclass(frozen=True)
 class Scale:
     ingest_events: int
+    ingest_runs: int  # the ingest phase is repeated; its median run is reported
     fanout_clients: int
     fanout_rate: float  # events per second in the latency phase
     fanout_seconds: float
@@ -65,6 +66,7 @@ class Scale:
 
 FULL: Final = Scale(
     ingest_events=300_000,
+    ingest_runs=3,
     fanout_clients=1000,
     fanout_rate=100.0,
     fanout_seconds=10.0,
@@ -84,6 +86,7 @@ FULL: Final = Scale(
 )
 QUICK: Final = Scale(
     ingest_events=30_000,
+    ingest_runs=3,
     fanout_clients=200,
     fanout_rate=100.0,
     fanout_seconds=1.5,
@@ -103,6 +106,7 @@ QUICK: Final = Scale(
 )
 SMOKE: Final = Scale(
     ingest_events=2000,
+    ingest_runs=1,
     fanout_clients=5,
     fanout_rate=50.0,
     fanout_seconds=1.0,
@@ -326,7 +330,10 @@ class Bench:
     # -- scenarios -------------------------------------------------------------------
 
     def ingest(self, system: System) -> Json:
-        """As fast as it goes (batches of 512), then paced (one event per message)."""
+        """As fast as it goes (batches of 512), ``ingest_runs`` times, then paced (one
+        event per message). The median run by rate is the result: one run's rate moves
+        by 10 % or more with what else the two cores happen to be doing, for every
+        system alike."""
         s = self.scale
         n = s.ingest_events
         paths = system.start(users=0, route="all")
@@ -334,16 +341,27 @@ class Bench:
         try:
             clients.connect(paths, which="all", start=0, count=1)
             self.pause(0.3)
-            result = self.phase(
-                "ingest",
-                system,
-                clients,
-                {"op": "ingest", "count": n},
-                expected=n,
-                per_event=1,
-                send_seconds=max(10.0, n / 20_000),
-            )
-            if not result["complete"]:
+            runs: list[Json] = []
+            for i in range(s.ingest_runs):
+                run = self.phase(
+                    "ingest" if s.ingest_runs == 1 else f"ingest-{i + 1}",
+                    system,
+                    clients,
+                    {"op": "ingest", "count": n},
+                    expected=n,
+                    per_event=1,
+                    send_seconds=max(10.0, n / 20_000),
+                )
+                runs.append(run)
+                if not run["complete"]:
+                    break
+            if runs[-1]["complete"]:
+                ranked = sorted(runs, key=lambda r: float(r["events_per_s"]))
+                result = dict(ranked[len(ranked) // 2])
+            else:  # a run that did not finish is the result: it is not hidden by others
+                result = dict(runs[-1])
+            result["runs_events_per_s"] = [r["events_per_s"] for r in runs]
+            if not runs[-1]["complete"]:
                 paths = self.restart(system, clients, users=0, route="all", which="all", count=1)
             count = int(s.nonmatching_rate * s.nonmatching_seconds)
             result["paced"] = self.phase(

@@ -5,6 +5,7 @@
 3. ``starlette``: sse-starlette on uvicorn, the same fan-out as 2.
 4. ``nchan``: nginx + the nchan module, fed by ``bench.peers.nchan_bridge``.
 5. ``grpc``: a bare grpcio client draining the upstream (the upstream hop's limit).
+6. ``floor``: a bare send loop (``bench.peers.send_floor``): the fan-out latency floor.
 
 Each system is started fresh per scenario and stopped after it. CPU time and RSS are
 read from /proc for the system's own processes (for nchan: the nginx master, its
@@ -224,6 +225,14 @@ http {{
 """
 
 
+class SendFloorSystem(_PeerSystem):
+    key = "floor"
+    label = "send floor (uvloop: one write per client, nothing else)"
+    filtering = "none: every event to every connection"
+    module = "bench.peers.send_floor"
+    scenarios = frozenset({"fanout"})
+
+
 class NchanSystem(System):
     key = "nchan"
     label = "nginx + nchan (C; via an HTTP publish bridge)"
@@ -301,5 +310,13 @@ class GrpcSystem(System):
 
 
 SYSTEMS: Final[dict[str, type[System]]] = {
-    cls.key: cls for cls in (ProxySystem, AiohttpSystem, StarletteSystem, NchanSystem, GrpcSystem)
+    cls.key: cls
+    for cls in (
+        ProxySystem,
+        AiohttpSystem,
+        StarletteSystem,
+        NchanSystem,
+        GrpcSystem,
+        SendFloorSystem,
+    )
 }

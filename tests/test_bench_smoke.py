@@ -1,7 +1,8 @@
 """The benchmark harness at a tiny scale, so that it cannot rot (docs/benchmarks.md).
 
-Runs ``python -m bench.run --smoke`` against this proxy and the bare gRPC drain (the
-two systems that need no bench-only package) with real processes on loopback, and
+Runs ``python -m bench.run --smoke`` against this proxy, the bare gRPC drain and the
+send floor (the systems that need no bench-only package) with real processes on
+loopback, and
 checks that every scenario produced sane numbers. The real benchmark is
 ``make bench``; it is never part of ``make test``.
 """
@@ -26,7 +27,7 @@ def test_bench_harness_smoke(tmp_path: Path) -> None:
             "bench.run",
             "--smoke",
             "--systems",
-            "proxy,grpc",
+            "proxy,grpc,floor",
             "--out",
             str(out),
             "--no-plot",
@@ -41,7 +42,7 @@ def test_bench_harness_smoke(tmp_path: Path) -> None:
     doc: dict[str, Any] = json.loads((out / "results.json").read_text())
     scale = doc["scale"]
     assert not doc["notes"], doc["notes"]
-    proxy, grpc = doc["results"]["proxy"], doc["results"]["grpc"]
+    proxy, grpc, floor = (doc["results"][k] for k in ("proxy", "grpc", "floor"))
 
     ingest = proxy["ingest"]
     assert ingest["complete"]
@@ -82,6 +83,16 @@ def test_bench_harness_smoke(tmp_path: Path) -> None:
     assert churn["cycles"] == scale["churn_cycles"]
     assert churn["failed"] == 0
     assert churn["cycles_per_s"] > 0
+
+    # The floor runs the fan-out scenario only, and its p99 stands beside the target's.
+    assert set(floor) - {"skipped"} == {"fanout"}, floor
+    assert floor["fanout"]["latency"]["complete"]
+    assert floor["fanout"]["burst"]["complete"]
+    floor_p99 = floor["fanout"]["latency"]["p99_ms"]
+    assert 0 < floor_p99 < 5_000
+    (p99_target,) = (t for t in doc["targets"] if t["name"].startswith("fan-out p99"))
+    assert f"send floor: {floor_p99:.1f} ms" in p99_target["detail"]
+    assert len(proxy["ingest"]["runs_events_per_s"]) == scale["ingest_runs"]
 
     statuses = {t["name"]: t["status"] for t in doc["targets"]}
     assert len(statuses) == 8
