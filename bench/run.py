@@ -343,6 +343,8 @@ class Bench:
             self.pause(0.3)
             runs: list[Json] = []
             for i in range(s.ingest_runs):
+                assert self.driver is not None
+                self.driver.call({"op": "trim"})  # each run starts from the same upstream
                 run = self.phase(
                     "ingest" if s.ingest_runs == 1 else f"ingest-{i + 1}",
                     system,
