@@ -182,19 +182,26 @@ class Outbox:
         while not self.busy:
             await self._lot.park()
 
-    def flush(self, now: float) -> float | None:
+    def flush(self, now: float, framed: dict[bytes, bytes]) -> float | None:
         """Direct mode: write what is queued now, without waiting.
 
         Returns how long the oldest frame waited, or None if nothing was written. What
         the socket does not take, and everything while the task is busy, is left to
-        the task.
+        the task. ``framed``: the round's chunk-framed copies of single frames, shared
+        by the outboxes flushed in it (in a fan-out they all hold the same one).
         """
         if self.busy or not self._frames or self.sink is None:
             return None
         waited = now - self.since
         frames = self.take_now(now)
+        if len(frames) == 1:
+            data = framed.get(frames[0])
+            if data is None:
+                data = framed[frames[0]] = chunk(frames[0])
+        else:
+            data = chunk(b"".join(frames))
         try:
-            rest = self.sink.try_write(chunk(frames[0] if len(frames) == 1 else b"".join(frames)))
+            rest = self.sink.try_write(data)
         except OSError:
             self.close("client-gone")
             return None
@@ -307,8 +314,9 @@ class Hub:
             return
         on_write = self.on_write
         now = time.monotonic()
+        framed: dict[bytes, bytes] = {}
         for outbox in queue:  # flushing never queues: nothing is added meanwhile
-            waited = outbox.flush(now)
+            waited = outbox.flush(now, framed)
             if waited is not None:
                 if on_write is not None:
                     on_write(waited)

@@ -86,6 +86,39 @@ async def test_hub_writes_idle_direct_clients_once_per_round(
         assert sub.outbox.busy
 
 
+async def test_one_round_frames_each_client_its_own_frames() -> None:
+    """Clients of one round that got one and the same frame share its chunk; a client
+    that got several gets them joined in one chunk. Each peer reads exactly its own."""
+    hub = Hub(history_size=0, outbox_limit=100)
+    pairs = [socket.socketpair() for _ in range(3)]
+    for a, b in pairs:
+        a.setblocking(False)
+        b.setblocking(False)
+    everything = Filters()
+    only_s2 = Filters(session="s2")
+    try:
+        with contextlib.ExitStack() as stack:
+            subs = [
+                stack.enter_context(hub.subscribe(SUPER, f)) for f in (everything, only_s2, only_s2)
+            ]
+            async with trio.open_nursery() as nursery:
+                for sub, (ours, _) in zip(subs, pairs, strict=True):
+                    hub.attach_sink(sub, make_sink(ours))
+                    nursery.start_soon(sub.outbox.idle)
+                await trio.testing.wait_all_tasks_blocked()
+                with hub.batch():
+                    hub.publish("L", [ev(1), ev(2)])
+                bodies = [read_all(peer) for _, peer in pairs]
+                for sub in subs:
+                    sub.outbox.hand_over()
+        assert bodies[0] == chunk(encode("L", ev(1)) + encode("L", ev(2)))
+        assert bodies[1] == bodies[2] == chunk(encode("L", ev(2)))
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
 async def test_full_socket_hands_the_rest_to_the_task_byte_exact(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
