@@ -98,3 +98,11 @@ def test_bench_harness_smoke(tmp_path: Path) -> None:
     assert len(statuses) == 8
     assert set(statuses.values()) <= {"PASS", "FAIL", "N/A"}
     assert "| ingest: events/s" in (out / "results.md").read_text()
+
+
+def test_loopback_cost_measures_a_send_and_a_recv_per_delivery() -> None:
+    from bench.loopback_cost import measure
+
+    send, recv = measure(connections=5, rounds=3, size=193)
+    assert 0 < send < 10_000
+    assert 0 < recv < 10_000
