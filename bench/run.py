@@ -85,8 +85,8 @@ FULL: Final = Scale(
     budget=19 * 60,
 )
 QUICK: Final = Scale(
-    ingest_events=30_000,
-    ingest_runs=3,
+    ingest_events=150_000,
+    ingest_runs=1,
     fanout_clients=200,
     fanout_rate=100.0,
     fanout_seconds=1.5,

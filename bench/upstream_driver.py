@@ -12,11 +12,8 @@ It runs ``proxy.upstream_server.UpstreamServer`` over an ``EventLog`` in this pr
   stamped ``reason = "t=<time.time()>"`` just before it is appended, so clients can
   measure latency from the upstream's append to their receipt.
 
-Bench-only additions to the log (``FastEventLog``): ``read_after`` finds a
-subscriber's position by arithmetic, whatever version of ``EventLog`` is installed
-(a scan back from the newest event costs O(backlog) per read, quadratic in a burst
-for a subscriber that falls behind), and ``trim`` empties the retained log so that
-every scenario starts from the same upstream state.
+``trim`` empties the retained log (``EventLog.forget``) so that every scenario, and
+every ingest run, starts from the same upstream state.
 """
 
 from __future__ import annotations
@@ -36,32 +33,6 @@ from proxy.upstream_server import EventLog, UpstreamServer
 from .common import Json, command_loop, reply, scenario_event
 
 CHUNK: Final = 512  # what the shipped replay feeder appends at once
-
-
-class FastEventLog(EventLog):
-    """An EventLog whose reads cost O(batch), not O(backlog); see the module doc."""
-
-    def read_after(
-        self, after: int, limit: int, timeout: float
-    ) -> tuple[list[pb.LifecycleEvent], int, int]:
-        with self._cond:  # a Condition over an RLock: super() may re-acquire it
-            if self._head <= after and not self._closed:
-                self._cond.wait(timeout)
-            events = self._events
-            if not events or events[-1].sequence - events[0].sequence != len(events) - 1:
-                return super().read_after(after, limit, 0)
-            first = events[0].sequence
-            start = max(0, after + 1 - first)
-            stop = min(len(events), start + limit)
-            return [events[j] for j in range(start, stop)], first, self._head
-
-    def trim(self) -> int:
-        """Forget every retained event (sequences go on): each scenario starts with the
-        same, empty log, whatever the scenarios before it appended."""
-        with self._cond:
-            dropped = len(self._events)
-            self._events.clear()
-            return dropped
 
 
 class Driver:
@@ -85,7 +56,7 @@ class Driver:
         if op == "trim":
             if self._thread is not None:
                 raise RuntimeError("a send is running")
-            dropped = self.log.trim() if isinstance(self.log, FastEventLog) else 0
+            dropped = self.log.forget()
             gc.collect()
             return {"dropped": dropped}
         if op == "ingest":
@@ -162,7 +133,7 @@ def main() -> None:
             if isinstance(item, ReplayLineError):
                 raise SystemExit(f"{args.replay}: {item}")
             replay.append(item)
-    event_log = FastEventLog(capacity=args.history)
+    event_log = EventLog(capacity=args.history)
     server = UpstreamServer(event_log, args.listen, max_subscribers=16)
     server.start()
     reply({"target": server.target, "replay": len(replay)})

@@ -10,6 +10,8 @@ from concurrent import futures
 import grpc
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy._pb.kernel_events.v1 import events_pb2 as pb
 from proxy._pb.kernel_events.v1 import events_pb2_grpc as pb_grpc
@@ -473,3 +475,41 @@ def test_read_after_finds_the_position_with_and_without_gaps(sequences: list[int
     for after in range(0, sequences[-1] + 2):
         events, _, _ = log.read_after(after, 1000, 0)
         assert [e.sequence for e in events] == [n for n in sequences if n > after]
+
+
+@given(
+    capacity=st.integers(min_value=0, max_value=40),
+    batches=st.lists(st.lists(st.integers(min_value=1, max_value=3), max_size=30), max_size=12),
+    afters=st.lists(st.integers(min_value=-1, max_value=400), min_size=1, max_size=8),
+    limit=st.integers(min_value=1, max_value=50),
+)
+def test_the_log_keeps_exactly_the_newest_capacity_events(
+    capacity: int, batches: list[list[int]], afters: list[int], limit: int
+) -> None:
+    """Whatever is appended, in whatever batches (steps > 1 are gaps), the log answers
+    as a list of the newest ``capacity`` events would: oldest, and every read. The
+    capacity is small, so the physical cut of the forgotten prefix happens often."""
+    log = EventLog(capacity=capacity)
+    appended: list[int] = []
+    for batch in batches:
+        seqs = []
+        for step in batch:
+            seqs.append((seqs[-1] if seqs else appended[-1] if appended else 0) + step)
+        log.append([lifecycle("kernel_started", "s", USER1, sequence=n) for n in seqs])
+        appended += seqs
+        kept = appended[max(0, len(appended) - capacity) :] if capacity else []
+        assert log.oldest() == (kept[0] if kept else log.head + 1)
+        for after in afters:
+            events, oldest, head = log.read_after(after, limit, 0)
+            assert [e.sequence for e in events] == [n for n in kept if n > after][:limit]
+            assert (oldest, head) == (log.oldest(), appended[-1] if appended else 0)
+
+
+def test_forget_drops_what_is_retained_and_sequences_go_on() -> None:
+    log = EventLog(capacity=10)
+    log.append([lifecycle("kernel_started", "s", USER1) for _ in range(15)])
+    assert log.forget() == 10
+    assert log.oldest() == 16
+    assert log.read_after(0, 100, 0)[0] == []
+    log.append([lifecycle("kernel_started", "s", USER1)])
+    assert [e.sequence for e in log.read_after(0, 100, 0)[0]] == [16]
