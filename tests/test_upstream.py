@@ -492,7 +492,7 @@ def test_the_log_keeps_exactly_the_newest_capacity_events(
     log = EventLog(capacity=capacity)
     appended: list[int] = []
     for batch in batches:
-        seqs = []
+        seqs: list[int] = []
         for step in batch:
             seqs.append((seqs[-1] if seqs else appended[-1] if appended else 0) + step)
         log.append([lifecycle("kernel_started", "s", USER1, sequence=n) for n in seqs])
