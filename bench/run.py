@@ -85,7 +85,7 @@ FULL: Final = Scale(
     budget=19 * 60,
 )
 QUICK: Final = Scale(
-    ingest_events=150_000,
+    ingest_events=100_000,
     ingest_runs=1,
     fanout_clients=200,
     fanout_rate=100.0,
