@@ -34,7 +34,12 @@ def valid_log_id(log_id: str) -> bool:
 
 
 def format_id(log_id: str, sequence: int) -> str:
-    return f"{log_id}:{sequence}"
+    return f"{id_prefix(log_id)}{sequence}"
+
+
+def id_prefix(log_id: str) -> str:
+    """What every event id of a log starts with: ``format_id`` adds the sequence."""
+    return f"{log_id}:"
 
 
 def parse_id(raw: str) -> Cursor:

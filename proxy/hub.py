@@ -21,7 +21,7 @@ import trio
 
 from . import sse
 from .direct import ChunkSink, chunk
-from .eventid import Cursor, format_id
+from .eventid import Cursor, format_id, id_prefix
 from .events import Event
 from .policy import Filters, IndexKey, Principal, index_key, visible
 
@@ -245,8 +245,13 @@ class Subscription:
 
 def encode(log_id: str, event: Event) -> bytes:
     """The one SSE frame for an upstream event, shared by every recipient."""
-    return sse.encode_json_event(
-        event.name, event.client_json_bytes(), format_id(log_id, event.sequence)
+    return _encode(id_prefix(log_id), event)
+
+
+def _encode(prefix: str, event: Event) -> bytes:
+    """``encode``, given the log's ``id_prefix`` (made once per published batch)."""
+    return sse.encode_json_event_numbered(
+        event.name, event.client_json_bytes(), prefix, event.sequence
     )
 
 
@@ -445,8 +450,9 @@ class Hub:
         kinds = [(self._index[kind], field) for kind, field in _EVENT_FIELDS if self._index[kind]]
         delivered = 0
         keep = self._history.append if self._history_size else None
+        prefix = id_prefix(log_id)
         for event in events:
-            frame = encode(log_id, event)
+            frame = _encode(prefix, event)
             if keep is not None:
                 keep(_Entry(log_id, event.sequence, event, frame))
             for buckets, field in kinds:

@@ -53,6 +53,27 @@ def encode_json_event(name: str, data: bytes, event_id: str) -> bytes:
     return b"id: %s\n%sdata: %s\n\n" % (event_id.encode(), line, data)
 
 
+def encode_json_event_numbered(name: str, data: bytes, id_prefix: str, number: int) -> bytes:
+    """``encode_json_event(name, data, f"{id_prefix}{number}")``, for ids that share a
+    prefix (an upstream log's): the prefix is checked and encoded once, then only looked
+    up, and a number cannot hold CR, LF or NUL. Anything not seen before takes the
+    checked path, which remembers the prefix only once a whole id passed."""
+    line = _EVENT_LINES.get(name)
+    prefix = _ID_PREFIXES.get(id_prefix)
+    if line is None or prefix is None or 10 in data or 13 in data:
+        frame = encode_json_event(name, data, f"{id_prefix}{number:d}")
+        if len(_ID_PREFIXES) >= _MAX_ID_PREFIXES:
+            _ID_PREFIXES.clear()
+        _ID_PREFIXES[id_prefix] = id_prefix.encode()
+        return frame
+    return b"id: %s%d\n%sdata: %s\n\n" % (prefix, number, line, data)
+
+
+# Id prefixes that passed the checks (a prefix of a checked id), encoded: one per
+# upstream log, so a handful; bounded all the same.
+_ID_PREFIXES: Final[dict[str, bytes]] = {}
+_MAX_ID_PREFIXES: Final = 64
+
 # Event names that passed the checks, with their encoded `event:` line. There are few
 # (the kinds of lifecycle event); the bounds keep a stream of odd names from growing it.
 _EVENT_LINES: Final[dict[str, bytes]] = {}

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.eventid import Cursor, InvalidEventId, format_id, parse_id, valid_log_id
+from proxy.eventid import Cursor, InvalidEventId, format_id, id_prefix, parse_id, valid_log_id
 
 MAX_SEQUENCE = 2**64 - 1
 
@@ -32,6 +32,11 @@ def test_cursor_str_is_the_formatted_id(log_id: str, sequence: int) -> None:
 def test_format_is_log_id_colon_decimal_sequence() -> None:
     assert format_id("abc-1_Z", 42) == "abc-1_Z:42"
     assert format_id("x", 0) == "x:0"
+
+
+@given(log_id=log_ids, sequence=sequences)
+def test_an_id_is_its_logs_prefix_then_the_sequence(log_id: str, sequence: int) -> None:
+    assert id_prefix(log_id) + str(sequence) == format_id(log_id, sequence)
 
 
 def test_largest_sequence_is_accepted() -> None:

@@ -10,7 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy import sse
-from proxy.sse import encode_comment, encode_event, encode_json_event
+from proxy.sse import (
+    encode_comment,
+    encode_event,
+    encode_json_event,
+    encode_json_event_numbered,
+)
 
 _FORBIDDEN = ("\r", "\n", "\x00")
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -311,3 +316,44 @@ def test_remembered_names_are_bounded() -> None:
     encode_json_event("x" * (sse._MAX_CACHED_NAME + 1), b"{}", "L:1")
     assert len(sse._EVENT_LINES) <= sse._MAX_EVENT_LINES
     assert all(len(name) <= sse._MAX_CACHED_NAME for name in sse._EVENT_LINES)
+
+
+# --- encode_json_event_numbered: ids as a checked prefix and a number -------------------
+
+
+@given(name=st.text(), data=st.text(), prefix=st.text(), number=st.integers())
+def test_numbered_ids_give_encode_json_event_bytes_for_any_input(
+    name: str, data: str, prefix: str, number: int
+) -> None:
+    """First call (the prefix is checked and remembered) and later ones (it is looked
+    up, with any number): the same bytes as the checked encoder, or the same refusal."""
+    for n in (number, number + 1):
+        try:
+            expected: bytes | None = encode_json_event(name, data.encode(), f"{prefix}{n}")
+        except ValueError:
+            expected = None
+        for _ in range(2):
+            try:
+                got: bytes | None = encode_json_event_numbered(name, data.encode(), prefix, n)
+            except ValueError:
+                got = None
+            assert got == expected
+
+
+def test_a_refused_prefix_is_never_remembered_and_a_remembered_one_checks_the_rest() -> None:
+    for bad in _FORBIDDEN:
+        with pytest.raises(ValueError, match="id"):
+            encode_json_event_numbered("kernel_started", b"{}", f"L{bad}:", 1)
+        assert f"L{bad}:" not in sse._ID_PREFIXES
+    encode_json_event_numbered("kernel_started", b"{}", "L:", 1)
+    assert "L:" in sse._ID_PREFIXES
+    with pytest.raises(ValueError, match="event name"):
+        encode_json_event_numbered("a\nb", b"{}", "L:", 2)
+    frame = encode_json_event_numbered("kernel_started", b'{"a":\n1}', "L:", 3)
+    assert parse_stream(frame) == [ParsedEvent("kernel_started", '{"a":\n1}', "L:3")]
+
+
+def test_remembered_prefixes_are_bounded() -> None:
+    for i in range(sse._MAX_ID_PREFIXES + 10):
+        encode_json_event_numbered("kernel_started", b"{}", f"log{i}:", 1)
+    assert len(sse._ID_PREFIXES) <= sse._MAX_ID_PREFIXES
