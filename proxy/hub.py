@@ -278,6 +278,9 @@ class Hub:
         self._pending: list[Subscription] = []
         self.closing = False
         self.heartbeat_interval = 0.0  # set by run_heartbeats
+        # Spreads each new stream's first heartbeat over the interval. Its own
+        # generator: the hub never draws from (or disturbs) the global one.
+        self._jitter = random.Random()
         # Plain counters, read by the metrics collector at scrape time.
         self.clients = 0
         self.clients_by_role: Counter[str] = Counter()
@@ -343,7 +346,7 @@ class Hub:
         """Register a client for as long as the ``with`` block runs."""
         sub = Subscription(principal, filters, Outbox(self._outbox_limit), positions)
         if self.heartbeat_interval:
-            sub.outbox.last_activity -= random.random() * self.heartbeat_interval
+            sub.outbox.last_activity -= self._jitter.random() * self.heartbeat_interval
         if after is not None:
             self._replay(sub, after)
         if self.closing:
