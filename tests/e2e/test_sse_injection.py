@@ -135,10 +135,12 @@ events = st.builds(
 def live() -> Iterator[LiveProxy]:
     with live_proxy() as proxy:
         # A first event, so that every new stream starts with a position block: that
-        # block is the sign that the stream is subscribed.
+        # block is the sign that the stream is subscribed. It must have been published
+        # before any stream opens, or the first stream would receive it live (the hub
+        # has a position as soon as it is attached, before any event).
         proxy.upstream.log.append([lifecycle("kernel_started", "seed", USER1)])
         deadline = time.monotonic() + 10
-        while proxy.running.hub.position() is None:
+        while proxy.call(lambda: proxy.running.hub.published) < 1:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         yield proxy
