@@ -77,7 +77,7 @@ class FloorServer:
         data = b"".join(encode(LOG_ID, event) for event in events)
         if data:
             framed = chunk(data)
-            for transport in self.clients:
+            for transport in tuple(self.clients):  # a failed write may drop one
                 transport.write(framed)
 
 
