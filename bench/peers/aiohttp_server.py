@@ -14,7 +14,6 @@ the original did.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 from collections.abc import Sequence
@@ -24,8 +23,8 @@ from aiohttp_sse import sse_response
 
 from proxy.events import Event
 
-from ..common import EVENTS_PATH, raise_fd_limit
-from .feed import Feed, install_uvloop
+from ..common import EVENTS_PATH
+from .feed import Feed, peer_start
 
 
 def create_app(upstream: str) -> web.Application:
@@ -75,12 +74,7 @@ def create_app(upstream: str) -> web.Application:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--upstream", required=True)
-    args = parser.parse_args()
-    raise_fd_limit()
-    install_uvloop()
+    args, _ = peer_start(__doc__.splitlines()[0])
     web.run_app(
         create_app(args.upstream),
         host="127.0.0.1",

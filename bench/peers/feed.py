@@ -9,6 +9,7 @@ does with them is its own design.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import threading
@@ -20,9 +21,23 @@ from proxy._pb.kernel_events.v1 import events_pb2 as pb
 from proxy._pb.kernel_events.v1 import events_pb2_grpc as pb_grpc
 from proxy.events import Event, from_proto
 
+from ..common import raise_fd_limit
+
 log = logging.getLogger(__name__)
 
 QUEUED_RESPONSES = 4
+
+
+def peer_start(description: str | None) -> tuple[argparse.Namespace, str]:
+    """A peer server's start: ``--port`` and ``--upstream`` from the command line, the
+    file limit raised, asyncio on uvloop when installed. Returns the arguments and the
+    loop's name (``install_uvloop``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--upstream", required=True)
+    args = parser.parse_args()
+    raise_fd_limit()
+    return args, install_uvloop()
 
 
 def install_uvloop() -> str:

@@ -14,7 +14,6 @@ runs it. ``GET /readyz`` answers 200 once the upstream stream delivered a respon
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from collections.abc import Sequence
 from typing import Final, cast
@@ -23,8 +22,8 @@ from proxy.direct import chunk
 from proxy.events import Event
 from proxy.hub import encode
 
-from ..common import HOST, raise_fd_limit
-from .feed import Feed, install_uvloop
+from ..common import HOST
+from .feed import Feed, peer_start
 
 # The frames' stream position prefix: a constant of the proxy's length (the floor has
 # no upstream log to name).
@@ -90,12 +89,7 @@ async def serve(port: int, upstream: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--upstream", required=True)
-    args = parser.parse_args()
-    raise_fd_limit()
-    install_uvloop()
+    args, _ = peer_start(__doc__.splitlines()[0])
     asyncio.run(serve(args.port, args.upstream))
 
 

@@ -11,7 +11,6 @@ authentication.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
@@ -26,8 +25,8 @@ from starlette.routing import Route
 
 from proxy.events import Event
 
-from ..common import EVENTS_PATH, raise_fd_limit
-from .feed import Feed, install_uvloop
+from ..common import EVENTS_PATH
+from .feed import Feed, peer_start
 
 
 def create_app(upstream: str) -> Starlette:
@@ -80,12 +79,7 @@ def create_app(upstream: str) -> Starlette:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--upstream", required=True)
-    args = parser.parse_args()
-    raise_fd_limit()
-    loop = install_uvloop()
+    args, loop = peer_start(__doc__.splitlines()[0])
     try:
         import httptools  # noqa: F401
     except ImportError:
