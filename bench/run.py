@@ -537,7 +537,15 @@ class Bench:
             self.pause(1.0)
             rss0, cpu0 = system.rss(), system.cpu()
             timeout = max(60.0, min(240.0, self.remaining() - 30))
-            answer = gen.call(cmd | {"cycles": s.churn_cycles, "timeout": timeout}, timeout + 30)
+            if self.profiler is not None and system.key == "proxy":
+                self.profiler.start(system.pids()[0], f"{self.mode}-churn")
+            try:
+                answer = gen.call(
+                    cmd | {"cycles": s.churn_cycles, "timeout": timeout}, timeout + 30
+                )
+            finally:
+                if self.profiler is not None:
+                    self.profiler.stop()
             cpu = system.cpu() - cpu0
             self.pause(2.0)
             rss1 = system.rss()

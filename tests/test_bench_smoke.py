@@ -106,3 +106,16 @@ def test_loopback_cost_measures_a_send_and_a_recv_per_delivery() -> None:
     send, recv = measure(connections=5, rounds=3, size=193)
     assert 0 < send < 10_000
     assert 0 < recv < 10_000
+
+
+def test_ingest_floor_writes_the_hubs_frames_byte_for_byte() -> None:
+    # The floor in docs/benchmarks.md is only a floor if it does the proxy's work: the
+    # same frames, in the same order, for both event sets micro_ingest builds.
+    from bench.micro_ingest import BATCH, build_batches, floor_once, hub_frames
+
+    for kind in ("sim", "replay"):
+        batches = build_batches(2, kind=kind)
+        frames: list[bytes] = []
+        assert floor_once(batches, frames) > 0
+        assert len(frames) == 2 * BATCH
+        assert frames == hub_frames(batches)
