@@ -41,7 +41,7 @@ from bench.common import ingest_line
 from proxy._pb.kernel_events.v1 import events_pb2 as pb
 from proxy.config import UpstreamSettings
 from proxy.eventid import id_prefix
-from proxy.events import RESULTS
+from proxy.events import _RESULT_BY_ENUM, _TERMINATION_SUFFIXES
 from proxy.hub import Hub
 from proxy.policy import Filters, Principal, Role
 from proxy.replay import parse_line
@@ -97,10 +97,6 @@ def hub_frames(batches: list[bytes]) -> list[bytes]:
         return sub.outbox.take_now()
 
 
-_TERMINAL = ("_terminated", "_success", "_failure", "_cancelled")
-_RESULT = {i + 1: name for i, name in enumerate(RESULTS)}  # the enum, RESULT_UNSPECIFIED = 0
-
-
 def floor_once(batches: list[bytes], out: list[bytes] | None = None) -> float:
     """Seconds of CPU the inlined loop takes over every batch (frames into ``out``)."""
     # As the hub: a bounded history, and a client whose frames are written (here:
@@ -127,13 +123,13 @@ def floor_once(batches: list[bytes], out: list[bytes] | None = None) -> float:
                 m.group_name,
                 ts.seconds + ts.nanos / 1e9,
             )
-            reason, exit_code, result = m.reason, m.exit_code, _RESULT.get(m.result)
+            reason, exit_code, result = m.reason, m.exit_code, _RESULT_BY_ENUM.get(m.result)
             payload: dict[str, Any] = {
                 "sessionId": record[0],
                 "ownerAccessKey": record[2],
                 "reason": reason if reason or "reason" in m else None,
             }
-            if result is None and name.endswith(_TERMINAL):
+            if result is None and name.endswith(_TERMINATION_SUFFIXES):
                 result = "UNDEFINED"
             if result is not None:
                 payload["result"] = result

@@ -22,7 +22,8 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Final
@@ -260,6 +261,18 @@ class Bench:
 
     # -- one measured phase ------------------------------------------------------------
 
+    @contextmanager
+    def profiled(self, system: System, name: str) -> Iterator[None]:
+        """With ``--profile``: py-spy records this proxy (only) while the block runs."""
+        if self.profiler is None or system.key != "proxy":
+            yield
+            return
+        self.profiler.start(system.pids()[0], f"{self.mode}-{name}")
+        try:
+            yield
+        finally:
+            self.profiler.stop()
+
     def phase(
         self,
         name: str,
@@ -276,17 +289,14 @@ class Bench:
         assert self.driver is not None
         lg0 = clients.reset(latency)
         cpu0, t0 = system.cpu(), time.time()
-        if self.profiler is not None and system.key == "proxy":
-            self.profiler.start(system.pids()[0], f"{self.mode}-{name}")
-        self.driver.call(send)
-        deadline = t0 + send_seconds + self.scale.drain_timeout
-        state = clients.report()
-        while state["deliveries"] < expected and time.time() < deadline:
-            time.sleep(0.1)
+        with self.profiled(system, name):
+            self.driver.call(send)
+            deadline = t0 + send_seconds + self.scale.drain_timeout
             state = clients.report()
-        t1, cpu1 = time.time(), system.cpu()
-        if self.profiler is not None:
-            self.profiler.stop()
+            while state["deliveries"] < expected and time.time() < deadline:
+                time.sleep(0.1)
+                state = clients.report()
+            t1, cpu1 = time.time(), system.cpu()
         sent = self.driver.call({"op": "wait", "timeout": 60}, 90)
         final = clients.report(hist=latency)
         delivered = int(final["deliveries"])
@@ -537,15 +547,10 @@ class Bench:
             self.pause(1.0)
             rss0, cpu0 = system.rss(), system.cpu()
             timeout = max(60.0, min(240.0, self.remaining() - 30))
-            if self.profiler is not None and system.key == "proxy":
-                self.profiler.start(system.pids()[0], f"{self.mode}-churn")
-            try:
+            with self.profiled(system, "churn"):
                 answer = gen.call(
                     cmd | {"cycles": s.churn_cycles, "timeout": timeout}, timeout + 30
                 )
-            finally:
-                if self.profiler is not None:
-                    self.profiler.stop()
             cpu = system.cpu() - cpu0
             self.pause(2.0)
             rss1 = system.rss()
