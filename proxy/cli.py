@@ -1,4 +1,4 @@
-"""The command line: ``serve``, ``upstream`` (and ``tail``)."""
+"""The command line: ``serve``, ``upstream``, ``config check`` and ``tail``."""
 
 from __future__ import annotations
 
@@ -19,8 +19,16 @@ from typing import Any
 import trio
 from pythonjsonlogger.json import JsonFormatter
 
-from . import __version__
-from .config import ConfigError, KeypairSettings, Settings, load_settings, masked
+from . import __version__, tail
+from .config import (
+    SESSION_MODE_TEXT,
+    ConfigError,
+    KeypairSettings,
+    Settings,
+    load_settings,
+    masked,
+    session_mode,
+)
 from .feeders import run_replay, run_simulator
 from .server import RunningProxy, run_proxy
 from .simulator import DEFAULT_TENANTS
@@ -84,12 +92,7 @@ def _build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", type=Path)
     check.set_defaults(func=_cmd_config_check)
 
-    try:
-        from . import tail
-    except ImportError:  # pragma: no cover - tail is optional while it is being built
-        pass
-    else:
-        tail.add_parser(sub)
+    tail.add_parser(sub)
     return parser
 
 
@@ -189,6 +192,8 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     json.dump(masked(settings), sys.stdout, indent=2)
     print()
     print(f"{args.file}: OK ({len(settings.keypairs)} keypair(s))", file=sys.stderr)
+    mode = session_mode(settings.session)
+    print(f"browser sign-in: {SESSION_MODE_TEXT[mode]}", file=sys.stderr)
     return 0
 
 

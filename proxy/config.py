@@ -89,7 +89,10 @@ class ServerSettings(_Section):
 class SessionSettings(_Section):
     """Browser sessions: ``POST /server/login`` sets a signed, expiring cookie."""
 
-    # Signs the cookies; every replica needs the same one. Unset: no cookie sessions.
+    # False turns browser sign-in off: the login answers 404 and the page says so.
+    enabled: bool = True
+    # Signs the cookies; every replica needs the same one. Unset: a random key made at
+    # start-up (one replica only; sessions end when the process restarts).
     secret_key: Annotated[SecretStr, Field(min_length=32)] | None = None
     max_age: Annotated[int, Field(ge=60, le=30 * 86_400)] = 12 * 3600
     cookie_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "kep_session"
@@ -117,6 +120,27 @@ class JwtSettings(_Section):
         if self.key is not None and len(self.key.get_secret_value().encode()) < need:
             raise ValueError(f"key: must be at least {need} bytes for {max(self.algorithms)}")
         return self
+
+
+SessionMode = Literal["configured", "generated", "off"]
+
+
+def session_mode(settings: SessionSettings) -> SessionMode:
+    """How browser sign-in works under these settings (``config check`` says which)."""
+    if not settings.enabled:
+        return "off"
+    return "generated" if settings.secret_key is None else "configured"
+
+
+SESSION_MODE_TEXT: Final[dict[SessionMode, str]] = {
+    "configured": "on, cookies signed with session.secret_key (shared by every replica "
+    "that has the same key)",
+    "generated": "on, cookies signed with a random key made at start-up: sessions end when "
+    "this process restarts and other replicas do not accept them (set session.secret_key "
+    "to share one)",
+    "off": "off (session.enabled = false): POST /server/login answers 404 and the "
+    "dashboard says so",
+}
 
 
 def _check_tls_pair(server: ServerSettings) -> ServerSettings:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -28,7 +29,7 @@ from quart import Blueprint, Response, request
 from werkzeug.datastructures import MIMEAccept
 from werkzeug.http import parse_accept_header
 
-from .config import JwtSettings, SessionSettings
+from .config import SESSION_MODE_TEXT, JwtSettings, SessionSettings, session_mode
 from .limits import RateLimiter, retry_after_header
 from .policy import Principal
 from .sessions import (
@@ -84,9 +85,17 @@ CORS_MAX_AGE: Final = 600
 
 
 def session_codec(settings: SessionSettings) -> SessionCodec | None:
-    """The cookie codec, or None when no signing key is configured (no sessions)."""
-    if settings.secret_key is None:
+    """The cookie codec, or None when browser sign-in is off.
+
+    Without a configured key one is made here, at start-up, and a warning says what
+    that means: only this process accepts the cookies it issues.
+    """
+    mode = session_mode(settings)
+    if mode == "off":
         return None
+    if settings.secret_key is None:
+        log.warning("browser sign-in: %s", SESSION_MODE_TEXT[mode])
+        return SessionCodec(secrets.token_urlsafe(32), settings.max_age)
     return SessionCodec(settings.secret_key.get_secret_value(), settings.max_age)
 
 
@@ -279,6 +288,11 @@ def browser_blueprint(
             )
         return bytes(data)
 
+    def sign_in_off() -> RequestError:
+        return request_error(
+            404, "sessions-disabled", "browser sign-in is off on this server (session.enabled)"
+        )
+
     def too_many(error: str, detail: str, wait: float) -> RequestError:
         seconds = retry_after_header(wait)
         return request_error(
@@ -289,9 +303,7 @@ def browser_blueprint(
     async def login() -> Response:
         same_site_post()
         if codec is None:
-            raise request_error(
-                404, "sessions-disabled", "cookie sessions are off: [session] secret_key is not set"
-            )
+            raise sign_in_off()
         address = login_limits.client()
         wait = login_limits.per_address.retry_after(address)
         if wait:
@@ -331,7 +343,9 @@ def browser_blueprint(
     @bp.get("/server/session")
     async def whoami() -> Response:
         token = request.cookies.get(cookie)
-        if codec is None or token is None:
+        if codec is None:
+            raise sign_in_off()
+        if token is None:
             raise request_error(401, "missing", "not logged in")
         try:
             principal = codec.verify(token, lookup)

@@ -8,7 +8,16 @@ from typing import Any
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from proxy.config import ConfigError, Settings, load_settings, masked, settings_from_mapping
+from proxy.config import (
+    SESSION_MODE_TEXT,
+    ConfigError,
+    SessionSettings,
+    Settings,
+    load_settings,
+    masked,
+    session_mode,
+    settings_from_mapping,
+)
 from proxy.policy import Principal, Role
 from proxy.signing import Keypair
 
@@ -522,3 +531,11 @@ def test_session_and_jwt_keys_from_the_environment() -> None:
     assert settings.session.secret_key.get_secret_value() == "e" * 40
     assert settings.jwt.key is not None
     assert settings.jwt.key.get_secret_value() == "f" * 40
+
+
+def test_session_mode_names_how_browser_sign_in_works() -> None:
+    assert session_mode(SessionSettings()) == "generated"
+    key = SecretStr("k" * 32)
+    assert session_mode(SessionSettings(secret_key=key)) == "configured"
+    assert session_mode(SessionSettings(enabled=False, secret_key=key)) == "off"
+    assert set(SESSION_MODE_TEXT) == {"generated", "configured", "off"}

@@ -357,6 +357,14 @@
     $("access-key").focus();
   }
 
+  function signInOff() {
+    disconnect();
+    view.who.hidden = true;
+    view.dash.hidden = true;
+    view.login.hidden = true;
+    $("off-view").hidden = false;
+  }
+
   async function login(event) {
     event.preventDefault();
     const submit = $("login-submit");
@@ -374,6 +382,9 @@
         }),
       });
       const body = await response.json().catch(() => null);
+      if (response.status === 404 && body && body.error === "sessions-disabled") {
+        return signInOff();
+      }
       if (!response.ok) {
         error.textContent = response.status === 401
           ? "The access key or secret key is wrong."
@@ -417,6 +428,7 @@
     try {
       const response = await fetch("/server/session", { credentials: "same-origin" });
       if (response.ok) return signedIn(await response.json());
+      if (response.status === 404) return signInOff();
     } catch {
       // not signed in, or the server is away: the form it is
     }

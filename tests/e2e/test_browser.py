@@ -431,3 +431,24 @@ def test_logout_stops_the_stream(
     # A reload stays signed out.
     page.reload()
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+
+
+def test_sign_in_turned_off_says_so_instead_of_a_form(
+    start_proxy: Callable[..., ProxyThread], context: BrowserContext
+) -> None:
+    proxy = start_proxy({"session": {"enabled": False}})
+    page = context.new_page()
+    page.goto(f"{proxy.url}/ui/")
+    expect(page.get_by_role("heading", name="Browser sign-in is off")).to_be_visible()
+    expect(page.locator("#login-view")).to_be_hidden()
+    expect(page.locator("#dash-view")).to_be_hidden()
+
+
+def test_sign_in_works_without_a_configured_key(
+    start_proxy: Callable[..., ProxyThread], upstream: UpstreamServer, context: BrowserContext
+) -> None:
+    proxy = start_proxy({"session": {"secret_key": None}})
+    page = sign_in(context, proxy.url, USER1)
+    wait_for(lambda: proxy.clients() == 1)
+    emit(upstream, lifecycle("kernel_started", "generated-key", USER1))
+    expect(row(page, "generated-key")).to_be_visible()

@@ -188,6 +188,33 @@ def test_config_check_prints_effective_settings_with_secrets_masked(tmp_path: Pa
     assert "upstream.target" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("session", "expected"),
+    [
+        ("", "browser sign-in: on, cookies signed with a random key made at start-up"),
+        (
+            f'[session]\nsecret_key = "{"k" * 32}"\n',
+            "browser sign-in: on, cookies signed with session.secret_key",
+        ),
+        ("[session]\nenabled = false\n", "browser sign-in: off (session.enabled = false)"),
+    ],
+)
+def test_config_check_says_how_browser_sign_in_works(
+    tmp_path: Path, session: str, expected: str
+) -> None:
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        '[[keypairs]]\naccess_key = "AK1"\nsecret_key = "do-not-print-me"\nuser_id = "u1"\n'
+        + session
+    )
+    result = subprocess.run(
+        [str(BIN), "config", "check", str(config)], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert expected in result.stderr
+    assert "k" * 32 not in result.stdout + result.stderr
+
+
 async def test_tail_against_a_running_proxy(
     proxy: ProxyUnderTest, upstream: UpstreamServer
 ) -> None:

@@ -207,12 +207,35 @@ async def test_login_from_a_foreign_origin_is_403(url: str, client: httpx.AsyncC
     assert allowed.status_code == 200
 
 
-async def test_sessions_off_without_a_signing_key(
-    upstream: UpstreamServer, nursery: trio.Nursery, client: httpx.AsyncClient
+async def test_without_a_signing_key_sign_in_works_with_a_generated_one(
+    upstream: UpstreamServer,
+    nursery: trio.Nursery,
+    client: httpx.AsyncClient,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     settings = browser_settings(upstream.target, {"session": {"secret_key": None}})
     async with serving(nursery, settings) as base:
+        response = await login(client, base, USER1)
+        assert response.status_code == 200, response.text
+        assert (await client.get(f"{base}/server/session")).json()["access_key"] == (
+            USER1.access_key
+        )
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("sessions end when this process restarts" in w for w in warnings), warnings
+    # A second process makes its own key: the first one's cookie means nothing there.
+    async with serving(nursery, settings) as other:
+        assert client.cookies["kep_session"] == response.cookies["kep_session"]
+        refused = await client.get(f"{other}/server/session")
+        assert_json_error(refused, 401, "bad-session")
+
+
+async def test_sign_in_off_when_disabled(
+    upstream: UpstreamServer, nursery: trio.Nursery, client: httpx.AsyncClient
+) -> None:
+    settings = browser_settings(upstream.target, {"session": {"enabled": False}})
+    async with serving(nursery, settings) as base:
         assert_json_error(await login(client, base, USER1), 404, "sessions-disabled")
+        assert_json_error(await client.get(f"{base}/server/session"), 404, "sessions-disabled")
 
 
 async def test_secure_cookie_over_tls_and_when_configured(upstream: UpstreamServer) -> None:
