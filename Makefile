@@ -9,7 +9,7 @@ SDK_STAMP := $(SDK_VENV)/.installed
 PB_OUT := proxy/_pb
 PROTOS := $(shell find proto -name '*.proto')
 
-.PHONY: run test install proto proto-check lint sdk-env clean
+.PHONY: run test install proto proto-check proto-breaking lint sdk-env clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,7 +63,18 @@ node_modules/.bin/buf: package.json
 	npm install --no-audit --no-fund --silent
 	touch $@
 
-lint: install node_modules/.bin/buf
+# The upstream contract may only grow: `buf breaking` compares proto/ with the image
+# of the contract as last released, kept in the repository (no git history needed, so
+# a shallow clone checks the same). A field renumbered, renamed or removed fails.
+# To roll the baseline forward once a contract is released (after review, on purpose):
+#   node_modules/.bin/buf build -o $(PROTO_BASELINE)
+# and commit the new image with the release.
+PROTO_BASELINE := proto-baseline/kernel_events_v1.binpb
+
+proto-breaking: node_modules/.bin/buf
+	node_modules/.bin/buf breaking proto --against $(PROTO_BASELINE)
+
+lint: install node_modules/.bin/buf proto-breaking
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy

@@ -59,6 +59,11 @@ class Event:
     result: str | None = None  # one of RESULTS, or None when unspecified
     exit_code: int | None = None
     timestamp: float = 0.0  # seconds since the epoch; 0.0 when the upstream sent none
+    # Later API generations' fields (after timestamp, so positional constructions of
+    # the first twelve stay valid). "" / 0 when unknown, and on session_* events.
+    session_uuid: str = ""  # the session's UUID; session_id is its name
+    cluster_role: str = ""  # "main", "sub", ... (an open set)
+    cluster_idx: int = 0
 
     def client_payload(self) -> dict[str, Any]:
         """The JSON object clients receive, in the original API's shape."""
@@ -94,7 +99,7 @@ class _EventDraft:
     """An Event under construction: Event's slots, in Event's order, but assignable.
 
     A frozen dataclass sets each field through object.__setattr__ (about 1 µs for the
-    twelve). from_proto fills a draft by plain assignment instead, then relabels it an
+    fifteen). from_proto fills a draft by plain assignment instead, then relabels it an
     Event: CPython allows changing ``__class__`` between classes of identical layout.
     The result is an ordinary frozen Event (fields, equality, hash, repr, replace).
     """
@@ -151,6 +156,9 @@ def from_proto(msg: pb.LifecycleEvent, *, small: bool = False) -> Event:
     draft.result = _RESULT_BY_ENUM.get(msg.result)
     draft.exit_code = exit_code if exit_code or "exit_code" in msg else None
     draft.timestamp = ts.seconds + ts.nanos / 1e9
+    draft.session_uuid = msg.session_uuid
+    draft.cluster_role = msg.cluster_role
+    draft.cluster_idx = msg.cluster_idx
     draft.__class__ = Event
     event: Event = draft
     return event
@@ -166,6 +174,9 @@ def to_proto(event: Event) -> pb.LifecycleEvent:
         user_id=event.user_id,
         domain_name=event.domain_name,
         group_name=event.group_name,
+        session_uuid=event.session_uuid,
+        cluster_role=event.cluster_role,
+        cluster_idx=event.cluster_idx,
         result=_ENUM_BY_RESULT.get(event.result, pb.RESULT_UNSPECIFIED)
         if event.result
         else pb.RESULT_UNSPECIFIED,

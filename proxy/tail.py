@@ -23,7 +23,7 @@ import trio
 from .client import ClientError, Credentials, StreamEvent, build_target, stream_events
 
 DEFAULT_URL: Final = "http://127.0.0.1:8080"
-_NAME_WIDTH: Final = 18  # fits kernel_terminating, the longest common name
+_NAME_WIDTH: Final = 19  # fits session_terminating, the longest common name
 _PREFIX: Final = "tail: "
 
 

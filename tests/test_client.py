@@ -583,7 +583,7 @@ async def test_tail_human_lines_escape_control_characters() -> None:
     assert code == 0
     first, second = out.splitlines()
     assert first[19:] == (
-        " kernel_terminated   s\\x1b[2J  owner=AK1  reason=oom  result=FAILURE  exit=137"
+        " kernel_terminated    s\\x1b[2J  owner=AK1  reason=oom  result=FAILURE  exit=137"
     )
     datetime.strptime(first[:19], "%Y-%m-%dT%H:%M:%S")
     assert "events may be missing: reason=history-exhausted" in second

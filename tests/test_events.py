@@ -90,6 +90,9 @@ def test_from_proto_copies_every_field() -> None:
     )
     msg.timestamp.seconds = 1_700_000_000
     msg.timestamp.nanos = 500_000_000
+    msg.session_uuid = "7f1b1a1e-0000-4000-8000-000000000001"
+    msg.cluster_role = "sub"
+    msg.cluster_idx = 2
     assert from_proto(msg) == Event(
         sequence=17,
         name="kernel_terminated",
@@ -103,6 +106,9 @@ def test_from_proto_copies_every_field() -> None:
         result="SUCCESS",
         exit_code=3,
         timestamp=1_700_000_000.5,
+        session_uuid="7f1b1a1e-0000-4000-8000-000000000001",
+        cluster_role="sub",
+        cluster_idx=2,
     )
 
 
@@ -112,6 +118,15 @@ def test_from_proto_absent_optionals_become_none_and_zero_timestamp() -> None:
     assert event.exit_code is None
     assert event.result is None
     assert event.timestamp == 0.0
+    assert (event.session_uuid, event.cluster_role, event.cluster_idx) == ("", "", 0)
+
+
+def test_the_first_twelve_fields_keep_their_positions() -> None:
+    # Later generations' fields were added after timestamp: positional constructions
+    # written before them mean what they meant.
+    event = Event(1, "kernel_started", "s", "k", "AK", "u", "d", "g", None, None, None, 2.0)
+    assert (event.session_id, event.kernel_id, event.timestamp) == ("s", "k", 2.0)
+    assert (event.session_uuid, event.cluster_role, event.cluster_idx) == ("", "", 0)
 
 
 def test_from_proto_keeps_an_empty_reason_distinct_from_absent() -> None:
@@ -244,6 +259,9 @@ def events(timestamps: st.SearchStrategy[float]) -> st.SearchStrategy[Event]:
         result=st.sampled_from([None, *RESULTS]),
         exit_code=st.none() | INT32,
         timestamp=timestamps,
+        session_uuid=text,
+        cluster_role=text,
+        cluster_idx=INT32,
     )
 
 
@@ -321,6 +339,17 @@ def test_payload_never_leaks_internal_fields() -> None:
     body = from_proto(msg).client_json()
     for internal in ("secret-user", "dom-x", "grp-y", "1700000000", "sequence", "timestamp"):
         assert internal not in body
+
+
+def test_v4_payload_ignores_later_generations_fields() -> None:
+    # API v4 clients get exactly what they got before session_uuid and the cluster
+    # fields existed, byte for byte.
+    msg = message("kernel_terminated", kernel_id="k1", reason="r", exit_code=0)
+    before = from_proto(msg).client_json_bytes()
+    msg.session_uuid = "7f1b1a1e-0000-4000-8000-000000000001"
+    msg.cluster_role = "main"
+    msg.cluster_idx = 3
+    assert from_proto(msg).client_json_bytes() == before
 
 
 def test_reason_is_null_when_absent() -> None:
@@ -534,6 +563,10 @@ def test_small_only_spares_measuring_and_every_other_check_still_runs() -> None:
     big = message(reason="r" * MAX_EVENT_BYTES)
     with pytest.raises(MalformedEvent, match="larger than"):
         from_proto(big)
+    huge_uuid = message()
+    huge_uuid.session_uuid = "u" * MAX_EVENT_BYTES  # an open field, bounded only by size
+    with pytest.raises(MalformedEvent, match="larger than"):
+        from_proto(huge_uuid)
     assert from_proto(big, small=True).reason == big.reason  # the caller vouched for it
     with pytest.raises(MalformedEvent, match="invalid name"):
         from_proto(message("a b"), small=True)

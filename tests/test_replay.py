@@ -35,6 +35,10 @@ _FULL_CAMEL = {
     "exitCode": 0,
     "sequence": "12",
     "timestamp": "2024-01-01T00:00:00.500Z",
+    # Added for API v5 and later; lines without them stay valid.
+    "sessionUuid": "7f1b1a1e-0000-4000-8000-000000000001",
+    "clusterRole": "sub",
+    "clusterIdx": 2,
 }
 _FULL_EXPECTED = pb.LifecycleEvent(
     name="kernel_terminated",
@@ -48,6 +52,9 @@ _FULL_EXPECTED = pb.LifecycleEvent(
     result=pb.RESULT_SUCCESS,
     exit_code=0,
     sequence=12,
+    session_uuid="7f1b1a1e-0000-4000-8000-000000000001",
+    cluster_role="sub",
+    cluster_idx=2,
 )
 _FULL_EXPECTED.timestamp.seconds = 1704067200
 _FULL_EXPECTED.timestamp.nanos = 500_000_000
@@ -60,8 +67,20 @@ def test_every_field_camel_case() -> None:
 def test_every_field_snake_case() -> None:
     proto_name = {f.json_name: f.name for f in pb.LifecycleEvent.DESCRIPTOR.fields}
     snake = {proto_name[key]: value for key, value in _FULL_CAMEL.items()}
-    assert "owner_access_key" in snake
+    assert {"owner_access_key", "session_uuid", "cluster_role", "cluster_idx"} <= snake.keys()
     assert parse_line(json.dumps(snake), 1) == _FULL_EXPECTED
+
+
+def test_a_line_from_before_the_later_fields_still_parses() -> None:
+    # A replay file written before session_uuid and the cluster fields existed.
+    line = (
+        '{"name": "kernel_terminated", "sessionId": "s1", "kernelId": "k1",'
+        ' "ownerAccessKey": "AK1", "result": "SUCCESS", "exitCode": 0}'
+    )
+    event = parse_line(line, 1)
+    assert event is not None
+    assert (event.name, event.session_id, event.kernel_id) == ("kernel_terminated", "s1", "k1")
+    assert (event.session_uuid, event.cluster_role, event.cluster_idx) == ("", "", 0)
 
 
 def test_optional_fields_stay_absent() -> None:
@@ -124,12 +143,16 @@ def test_blank_lines(line: str) -> None:
         ('{"name": "a", "foo": 1}', "unknown field 'foo'"),
         ('{"name": "a", "name": "b"}', "duplicate key 'name'"),
         ('{"name": "a", "sessionId": "s", "session_id": "t"}', "given twice"),
+        ('{"name": "a", "clusterIdx": 1, "cluster_idx": 1}', "given twice"),
         ('{"sessionId": "s1"}', "missing or empty 'name'"),
         ('{"name": ""}', "missing or empty 'name'"),
         ('{"name": null}', "missing or empty 'name'"),
         ('{"name": 5}', "name"),
         ('{"name": "a", "exitCode": "abc"}', "exitCode"),
         ('{"name": "a", "exitCode": 1.5}', "exitCode"),
+        ('{"name": "a", "clusterIdx": "main"}', "clusterIdx"),
+        ('{"name": "a", "clusterIdx": 2147483648}', "clusterIdx"),
+        ('{"name": "a", "sessionUuid": 7}', "sessionUuid"),
         ('{"name": "a", "sequence": -1}', "sequence"),
         ('{"name": "a", "result": "MAYBE"}', "MAYBE"),
         ('{"name": "a", "timestamp": "yesterday"}', "timestamp"),

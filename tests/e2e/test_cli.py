@@ -84,7 +84,7 @@ def test_demo_banner_command_shows_live_events(processes: list[subprocess.Popen[
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(lines) == 5
-    assert all(line["event"].startswith("kernel_") for line in lines)
+    assert all(line["event"].startswith(("kernel_", "session_")) for line in lines)
     assert all(line["id"] for line in lines)
     demo.send_signal(signal.SIGINT)
     assert demo.wait(15) == 0

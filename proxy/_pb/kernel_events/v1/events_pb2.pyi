@@ -127,12 +127,17 @@ class LifecycleEvent(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     EXIT_CODE_FIELD_NUMBER: _builtins.int
     TIMESTAMP_FIELD_NUMBER: _builtins.int
+    SESSION_UUID_FIELD_NUMBER: _builtins.int
+    CLUSTER_ROLE_FIELD_NUMBER: _builtins.int
+    CLUSTER_IDX_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Position in the log: +1 per event, starting at 1."""
     name: _builtins.str
     """Event name, e.g. "kernel_started". An open set: new names appear without notice."""
     session_id: _builtins.str
-    """The session's name (slug), which this API version calls its session id."""
+    """The session's name (slug), which API v4 calls its session id. Not its UUID: that
+    is session_uuid.
+    """
     kernel_id: _builtins.str
     owner_access_key: _builtins.str
     user_id: _builtins.str
@@ -142,6 +147,19 @@ class LifecycleEvent(_message.Message):
     """Why the event happened; absent when there is no reason."""
     result: Global___Result.ValueType
     exit_code: _builtins.int
+    session_uuid: _builtins.str
+    """The session's UUID, which later API generations call its session id (session_id
+    above stays the session's name). Empty when unknown.
+    """
+    cluster_role: _builtins.str
+    """The kernel's role in its session's cluster: "main" or "sub" (an open set). Empty
+    when unknown, and on session-level events, which concern no one kernel.
+    """
+    cluster_idx: _builtins.int
+    """The kernel's index among its session's kernels of the same role, from 1 (the
+    original manager's hostnames main1, sub1, sub2, ...). 0 when unknown, and on
+    session-level events.
+    """
     @_builtins.property
     def timestamp(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -159,10 +177,13 @@ class LifecycleEvent(_message.Message):
         result: Global___Result.ValueType = ...,
         exit_code: _builtins.int | None = ...,
         timestamp: _timestamp_pb2.Timestamp | None = ...,
+        session_uuid: _builtins.str = ...,
+        cluster_role: _builtins.str = ...,
+        cluster_idx: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_reason", b"_reason", "exit_code", b"exit_code", "reason", b"reason", "timestamp", b"timestamp"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_reason", b"_reason", "domain_name", b"domain_name", "exit_code", b"exit_code", "group_name", b"group_name", "kernel_id", b"kernel_id", "name", b"name", "owner_access_key", b"owner_access_key", "reason", b"reason", "result", b"result", "sequence", b"sequence", "session_id", b"session_id", "timestamp", b"timestamp", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_reason", b"_reason", "cluster_idx", b"cluster_idx", "cluster_role", b"cluster_role", "domain_name", b"domain_name", "exit_code", b"exit_code", "group_name", b"group_name", "kernel_id", b"kernel_id", "name", b"name", "owner_access_key", b"owner_access_key", "reason", b"reason", "result", b"result", "sequence", b"sequence", "session_id", b"session_id", "session_uuid", b"session_uuid", "timestamp", b"timestamp", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
