@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,7 +41,10 @@ from .procs import ROOT, Child, ChildError, call_all
 from .profiling import Profiler
 from .systems import SYSTEMS, Paths, System
 
-SCENARIOS: Final = ("ingest", "fanout", "selective", "connections", "churn")
+SCENARIOS: Final = ("ingest", "fanout", "selective", "connections", "churn", "generations")
+# The later API generation's path (generations.py): the generations scenario mixes it in.
+V5_PATH: Final = "/events/session"
+GENERATION_ROUNDS: Final = 3
 
 
 @dataclass(frozen=True)
@@ -410,18 +414,59 @@ class Bench:
             )
             if not lat["complete"]:
                 paths = self.restart(system, clients, users=0, route="all", which="all", count=n)
-            burst = self.phase(
-                "fanout-burst",
-                system,
-                clients,
-                {"op": "send", "kind": "all", "count": s.fanout_burst, "rate": 0},
-                expected=s.fanout_burst * n,
-                per_event=n,
-                send_seconds=1.0,
-            )
+            burst = self.burst("fanout-burst", system, clients, n)
         finally:
             clients.stop()
         return {"clients": n, "connect_s": connect_s, "latency": lat, "burst": burst}
+
+    def burst(self, name: str, system: System, clients: Clients, n: int) -> Json:
+        """The throughput phase: ``fanout_burst`` events as fast as possible to ``n``."""
+        s = self.scale
+        return self.phase(
+            name,
+            system,
+            clients,
+            {"op": "send", "kind": "all", "count": s.fanout_burst, "rate": 0},
+            expected=s.fanout_burst * n,
+            per_event=n,
+            send_seconds=1.0,
+        )
+
+    def generations(self, system: System) -> Json:
+        """CPU per delivery of a fan-out burst to v4 clients only, and to half v4, half
+        v5 (``/events/session``) clients: each event is encoded once per generation,
+        so mixing them must cost little. Rounds alternate, so the shared machine's
+        drift falls on both alike; the medians are compared."""
+        s = self.scale
+        n = s.fanout_clients
+        v4 = system.start(users=0, route="all")
+        v5 = replace(v4, all_path=V5_PATH)
+        clients = self.clients(system, n)
+        per: dict[str, list[float]] = {"one": [], "mixed": []}
+        try:
+            for _ in range(GENERATION_ROUNDS):
+                for mode in per:
+                    half = n // 2 if mode == "mixed" else n
+                    clients.connect(v4, which="all", start=0, count=half)
+                    clients.connect(v5, which="all", start=half, count=n - half)
+                    self.pause(0.5)
+                    burst = self.burst(f"generations-{mode}", system, clients, n)
+                    clients.close()
+                    if burst["complete"] and burst["cpu_us_per_delivery"]:
+                        per[mode].append(burst["cpu_us_per_delivery"])
+        finally:
+            clients.stop()
+        one = statistics.median(per["one"]) if per["one"] else None
+        mixed = statistics.median(per["mixed"]) if per["mixed"] else None
+        ratio = mixed / one if one and mixed else None
+        log(f"  generations: CPU/delivery one {one} µs, mixed {mixed} µs, ratio {ratio}")
+        return {
+            "clients": n,
+            "cpu_us_per_delivery": per,
+            "one_us": one,
+            "mixed_us": mixed,
+            "mixed_over_one": ratio,
+        }
 
     def selective(self, system: System) -> Json:
         s = self.scale
@@ -599,6 +644,7 @@ class Bench:
             "selective": self.selective,
             "connections": self.connections,
             "churn": self.churn,
+            "generations": self.generations,
         }
         try:
             for key in systems:

@@ -112,6 +112,7 @@ def proxy_limits() -> dict[str, int]:
 
 class ProxySystem(System):
     key = "proxy"
+    scenarios = System.scenarios | {"generations"}
     label = "this proxy (quart-trio, hypercorn)"
     auth = "HMAC (signed once per connection)"
     filtering = "index + policy per matching client"

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from .generations import DEFAULT_VERSION, check_version
 from .policy import Principal, Role
 from .sessions import min_key_bytes
 from .signing import Keypair
@@ -163,6 +164,12 @@ class UpstreamSettings(_Section):
     max_message_bytes: Annotated[int, Field(ge=64 * 1024, le=1024**3)] = 64 * 1024 * 1024
 
 
+class ApiSettings(_Section):
+    # What GET / advertises: the official SDK uses min(this, its own version) and, from
+    # v5 on, GET /events/session. Both paths are always served.
+    version: Annotated[str, AfterValidator(check_version)] = DEFAULT_VERSION
+
+
 class AuthSettings(_Section):
     max_clock_skew: Seconds = 900.0
     # More [[keypairs]] in a file of their own, re-read on SIGHUP or when it changes.
@@ -221,6 +228,7 @@ class KeypairSettings(_Section):
 class Settings(_Section):
     server: Annotated[ServerSettings, AfterValidator(_check_tls_pair)] = ServerSettings()
     upstream: UpstreamSettings = UpstreamSettings()
+    api: ApiSettings = ApiSettings()
     auth: AuthSettings = AuthSettings()
     session: SessionSettings = SessionSettings()
     jwt: JwtSettings = JwtSettings()
@@ -244,6 +252,7 @@ ENV_PREFIX: Final = "KEP_"
 _SECTIONS: Final[dict[str, type[BaseModel]]] = {
     "server": ServerSettings,
     "upstream": UpstreamSettings,
+    "api": ApiSettings,
     "auth": AuthSettings,
     "session": SessionSettings,
     "jwt": JwtSettings,

@@ -23,6 +23,7 @@ from . import sse
 from .direct import ChunkSink, chunk
 from .eventid import Cursor, format_id, id_prefix
 from .events import Event
+from .payloads import JSON_ENCODERS, Payload
 from .policy import Filters, IndexKey, Principal, index_key, visible
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ Audience = tuple[Principal, Filters]
 # Each index kind and the event field its bucket value comes from: exactly the keys of
 # policy.event_keys (a property test checks they agree), read without building them.
 _EVENT_FIELDS: Final[tuple[tuple[str, Callable[[Event], str]], ...]] = (
+    ("uuid", attrgetter("session_uuid")),
     ("session", attrgetter("session_id")),
     ("owner", attrgetter("owner_access_key")),
     ("user", attrgetter("user_id")),
@@ -44,6 +46,7 @@ PING: Final = sse.encode_comment("ping")
 GAP_EVENT: Final = "stream_gap"
 OVERFLOW_EVENT: Final = "stream_overflow"
 SERVER_CLOSE_EVENT: Final = "server_close"
+_API_LABELS: Final = {payload: payload.name.lower() for payload in Payload}
 
 
 class _Entry(NamedTuple):
@@ -243,15 +246,16 @@ class Subscription:
         self.skip_until = 0
 
 
-def encode(log_id: str, event: Event) -> bytes:
-    """The one SSE frame for an upstream event, shared by every recipient."""
-    return _encode(id_prefix(log_id), event)
+def encode(log_id: str, event: Event, payload: Payload = Payload.V4) -> bytes:
+    """The one SSE frame for an upstream event in one API generation's shape, shared by
+    every recipient of that generation."""
+    return _encode(id_prefix(log_id), event, payload)
 
 
-def _encode(prefix: str, event: Event) -> bytes:
+def _encode(prefix: str, event: Event, payload: Payload = Payload.V4) -> bytes:
     """``encode``, given the log's ``id_prefix`` (made once per published batch)."""
     return sse.encode_json_event_numbered(
-        event.name, event.client_json_bytes(), prefix, event.sequence
+        event.name, JSON_ENCODERS[payload](event), prefix, event.sequence
     )
 
 
@@ -284,6 +288,9 @@ class Hub:
         # Plain counters, read by the metrics collector at scrape time.
         self.clients = 0
         self.clients_by_role: Counter[str] = Counter()
+        # By API generation ("v4", "v5": the payload its clients get).
+        self.clients_by_api: Counter[str] = Counter()
+        self.streams_opened: Counter[str] = Counter()
         self.published = 0
         self.delivered = 0  # frames queued for clients
         self.refused = 0  # frames refused because a client's outbox was full
@@ -356,13 +363,17 @@ class Hub:
         buckets = self._index[kind]
         groups = buckets.setdefault(value, {})
         groups.setdefault(audience, set()).add(sub)
+        api = _API_LABELS[filters.payload]
         self.clients += 1
         self.clients_by_role[principal.role.value] += 1
+        self.clients_by_api[api] += 1
+        self.streams_opened[api] += 1
         try:
             yield sub
         finally:
             self.clients -= 1
             self.clients_by_role[principal.role.value] -= 1
+            self.clients_by_api[api] -= 1
             members = groups[audience]
             members.discard(sub)
             if not members:
@@ -414,10 +425,17 @@ class Hub:
                 )
                 frames.append(gap_frame("history-exhausted", str(after), before))
                 start = 0
+        payload = sub.filters.payload
         for i in range(start, len(history)):
             entry = history[i]
-            if entry.event is None or visible(sub.principal, sub.filters, entry.event):
+            if entry.event is None:
                 frames.append(entry.frame)
+            elif visible(sub.principal, sub.filters, entry.event):
+                frames.append(
+                    entry.frame
+                    if payload is Payload.V4
+                    else encode(entry.log_id, entry.event, payload)
+                )
         sub.outbox.preload(frames)
 
     def _settle_pending(self, log_id: str, first: Event) -> None:
@@ -455,7 +473,9 @@ class Hub:
         keep = self._history.append if self._history_size else None
         prefix = id_prefix(log_id)
         for event in events:
+            # The history's (and v4's) frame; other generations' on first use.
             frame = _encode(prefix, event)
+            frames: list[bytes | None] = [frame, None]
             if keep is not None:
                 keep(_Entry(log_id, event.sequence, event, frame))
             for buckets, field in kinds:
@@ -465,12 +485,15 @@ class Hub:
                 for (principal, filters), members in groups.items():
                     if not visible(principal, filters, event):
                         continue
+                    shaped = frames[filters.payload]
+                    if shaped is None:
+                        shaped = frames[filters.payload] = _encode(prefix, event, filters.payload)
                     for sub in members:
                         if sub.skip_log is not None:
                             if sub.skip_log == log_id and event.sequence <= sub.skip_until:
                                 continue
                             sub.skip_log = None
-                        if sub.outbox.put(frame):
+                        if sub.outbox.put(shaped):
                             delivered += 1
                         else:
                             self._drop_slow(sub)

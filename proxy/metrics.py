@@ -22,6 +22,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from .hub import Hub
+from .payloads import Payload
 from .policy import Role
 from .upstream import UpstreamBridge
 
@@ -95,6 +96,21 @@ class _Collector(Collector):
         for role in Role:
             clients.add_metric([role.value], hub.clients_by_role.get(role.value, 0))
         yield clients
+        by_api = GaugeMetricFamily(
+            "kep_clients_by_api",
+            "Connected event-stream clients, by API generation (v4: /stream/kernel/_/events, "
+            "v5: /events/session).",
+            labels=["api"],
+        )
+        opened = CounterMetricFamily(
+            "kep_streams_opened", "Event streams admitted, by API generation.", labels=["api"]
+        )
+        for payload in Payload:
+            api = payload.name.lower()
+            by_api.add_metric([api], hub.clients_by_api.get(api, 0))
+            opened.add_metric([api], hub.streams_opened.get(api, 0))
+        yield by_api
+        yield opened
         yield CounterMetricFamily(
             "kep_upstream_events",
             "Events received from the upstream (malformed ones included).",

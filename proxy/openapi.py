@@ -38,6 +38,80 @@ EVENT_DATA_SCHEMA: dict[str, Any] = {
     "additionalProperties": False,
 }
 
+EVENT_DATA_V5_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "The `data:` line of a lifecycle event on `/events/session`.",
+    "required": ["reason", "sessionName", "ownerAccessKey", "sessionId", "exitCode"],
+    "properties": {
+        "reason": {"type": ["string", "null"]},
+        "sessionName": {"type": "string", "description": "The session's name."},
+        "ownerAccessKey": {"type": "string"},
+        "sessionId": {
+            "type": ["string", "null"],
+            "description": "The session's UUID (null from an upstream that has none).",
+        },
+        "exitCode": {
+            "type": ["integer", "null"],
+            "description": "On kernel_terminating, kernel_terminated, session_success and "
+            "session_failure; null on every other event.",
+        },
+        "kernelId": {"type": ["string", "null"], "description": "kernel_* events only."},
+        "clusterRole": {"type": ["string", "null"], "description": "kernel_* events only."},
+        "clusterIdx": {"type": "integer", "description": "kernel_* events only; 0 included."},
+    },
+    "additionalProperties": False,
+}
+
+
+def _stream_path(
+    summary: str, data_schema: str, filters: list[dict[str, Any]], note: str
+) -> dict[str, Any]:
+    """One API generation's event stream: its filters and data differ, nothing else."""
+    return {
+        "get": {
+            "summary": summary,
+            "description": (
+                "Each event: `id: <log id>:<sequence>` (the same id for the same event on "
+                "every path and replica), `event: <name>` (an open set, e.g. "
+                f"kernel_started), one `data:` line of JSON ({data_schema}). {note} Stream "
+                "notices: `stream_gap` (StreamGap data, no id), `stream_overflow`, "
+                "`server_close`. `: ping` comments keep the stream open. Clients "
+                "sending `Accept: text/event-stream` also get id-only blocks that "
+                "move their Last-Event-ID without an event."
+            ),
+            "parameters": [
+                *filters,
+                _query("lastEventId", "Resume after this id (first connection)."),
+                {
+                    "name": "Last-Event-ID",
+                    "in": "header",
+                    "required": False,
+                    "description": "Resume after this id (reconnections).",
+                    "schema": {
+                        "type": "string",
+                        "pattern": "^[0-9A-Za-z_-]{1,64}:[0-9]{1,20}$",
+                    },
+                },
+            ],
+            "responses": {
+                "200": {
+                    "description": "An endless event stream",
+                    "content": {
+                        "text/event-stream": {
+                            "schema": {"type": "string"},
+                            "x-event-data": {"$ref": f"#/components/schemas/{data_schema}"},
+                            "x-gap-data": {"$ref": "#/components/schemas/StreamGap"},
+                        }
+                    },
+                },
+                "400": _error("Bad parameter, query or Last-Event-ID"),
+                "401": _error("Not authenticated (the `error` field says why)"),
+                "403": _error("A user naming another owner's key"),
+            },
+        }
+    }
+
+
 DOCUMENT: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {
@@ -45,7 +119,8 @@ DOCUMENT: dict[str, Any] = {
         "version": __version__,
         "description": (
             "Kernel lifecycle events from the cluster manager's gRPC stream, as "
-            "authenticated, filtered Server-Sent Events (Backend.AI API v4.20190615)."
+            "authenticated, filtered Server-Sent Events: Backend.AI API v4.20190615's "
+            "`/stream/kernel/_/events` and v5-and-later's `/events/session`."
         ),
     },
     "paths": {
@@ -135,52 +210,43 @@ DOCUMENT: dict[str, Any] = {
                 },
             }
         },
-        "/stream/kernel/_/events": {
-            "get": {
-                "summary": "Kernel lifecycle events as Server-Sent Events",
-                "description": (
-                    "Each event: `id: <log id>:<sequence>`, `event: <name>` (an open set, "
-                    "e.g. kernel_started), one `data:` line of JSON (EventData). Stream "
-                    "notices: `stream_gap` (StreamGap data, no id), `stream_overflow`, "
-                    "`server_close`. `: ping` comments keep the stream open. Clients "
-                    "sending `Accept: text/event-stream` also get id-only blocks that "
-                    "move their Last-Event-ID without an event."
+        "/stream/kernel/_/events": _stream_path(
+            "Kernel lifecycle events as Server-Sent Events (API v4)",
+            "EventData",
+            [
+                _query("sessionId", "A session name; `*` (default) for all visible."),
+                _query("ownerAccessKey", "The session owner's key (admins only)."),
+                _query("owner_access_key", "Alias of ownerAccessKey (the SDK's)."),
+                _query("group", "A group (project) name; `*` (default) for all."),
+                _query("groupName", "Alias of group."),
+            ],
+            "A cluster session's sub-kernels' `kernel_*` events are not sent on this path.",
+        ),
+        "/events/session": _stream_path(
+            "Session and kernel lifecycle events as Server-Sent Events (API v5 and later)",
+            "EventDataV5",
+            [
+                _query("sessionName", "A session name; `*` (default) for all visible."),
+                _query("name", "Alias of sessionName."),
+                _query("ownerAccessKey", "The named session's owner (admins only)."),
+                _query("owner_access_key", "Alias of ownerAccessKey (the SDK's)."),
+                _query(
+                    "sessionId",
+                    "A session UUID; overrides sessionName and ownerAccessKey.",
                 ),
-                "parameters": [
-                    _query("sessionId", "A session name; `*` (default) for all visible."),
-                    _query("ownerAccessKey", "The session owner's key (admins only)."),
-                    _query("owner_access_key", "Alias of ownerAccessKey (the SDK's)."),
-                    _query("group", "A group (project) name; `*` (default) for all."),
-                    _query("groupName", "Alias of group."),
-                    _query("lastEventId", "Resume after this id (first connection)."),
-                    {
-                        "name": "Last-Event-ID",
-                        "in": "header",
-                        "required": False,
-                        "description": "Resume after this id (reconnections).",
-                        "schema": {
-                            "type": "string",
-                            "pattern": "^[0-9A-Za-z_-]{1,64}:[0-9]{1,20}$",
-                        },
-                    },
-                ],
-                "responses": {
-                    "200": {
-                        "description": "An endless event stream",
-                        "content": {
-                            "text/event-stream": {
-                                "schema": {"type": "string"},
-                                "x-event-data": {"$ref": "#/components/schemas/EventData"},
-                                "x-gap-data": {"$ref": "#/components/schemas/StreamGap"},
-                            }
-                        },
-                    },
-                    "400": _error("Bad parameter, query or Last-Event-ID"),
-                    "401": _error("Not authenticated (the `error` field says why)"),
-                    "403": _error("A user naming another owner's key"),
+                _query("group", "A group (project) name; `*` (default) for all."),
+                _query("groupName", "Alias of group."),
+                {
+                    "name": "scope",
+                    "in": "query",
+                    "required": False,
+                    "description": "`session`: only session_* events; `kernel`: only "
+                    "kernel_* events; `*` (default): both.",
+                    "schema": {"enum": ["*", "session", "kernel"]},
                 },
-            }
-        },
+            ],
+            "Every kernel's `kernel_*` events are sent, each with its clusterRole and clusterIdx.",
+        ),
     },
     "components": {
         "securitySchemes": {
@@ -226,6 +292,7 @@ DOCUMENT: dict[str, Any] = {
                 "additionalProperties": False,
             },
             "EventData": EVENT_DATA_SCHEMA,
+            "EventDataV5": EVENT_DATA_V5_SCHEMA,
             "StreamGap": {
                 "type": "object",
                 "required": ["reason", "after", "before"],
@@ -410,15 +477,16 @@ for _item in DOCUMENT["paths"].values():
         _operation["responses"].setdefault(
             "431", _error("The request headers are larger than `limits.max_header_bytes`")
         )
-DOCUMENT["paths"]["/stream/kernel/_/events"]["get"]["responses"].update(
-    {
-        "429": _limited(
-            "This access key already holds `limits.max_streams_per_key` streams "
-            "(`too-many-streams`)"
-        ),
-        "503": _limited("The server holds `limits.max_streams` streams (`server-busy`)"),
-    }
-)
+for _path in ("/stream/kernel/_/events", "/events/session"):
+    DOCUMENT["paths"][_path]["get"]["responses"].update(
+        {
+            "429": _limited(
+                "This access key already holds `limits.max_streams_per_key` streams "
+                "(`too-many-streams`, counted over every path)"
+            ),
+            "503": _limited("The server holds `limits.max_streams` streams (`server-busy`)"),
+        }
+    )
 DOCUMENT["paths"]["/server/login"]["post"]["responses"].update(
     {
         "408": _error("The body did not arrive within `limits.body_timeout` (`body-timeout`)"),

@@ -1,7 +1,7 @@
 """One client's event stream after admission: subscribe, write, notice the end, log.
 
-Admission (authentication, filters, cursor, limits) is decided by the quart route,
-which hands back a ``StreamPlan``; app.py then ends the quart request and calls
+Admission (authentication, filters, cursor, limits) is decided by the quart route
+(admission.py), which hands back a ``StreamPlan``; guard.py then ends the quart request and calls
 ``StreamWriter.serve`` with the raw ASGI ``send``/``receive``. So a held stream
 keeps none of quart's request machinery (its request and response objects, and the
 nursery of two tasks quart-trio runs each request in), only what it needs:
@@ -51,6 +51,7 @@ class StreamPlan:
     cursor: Cursor | None
     positions: bool  # id-only position blocks (text/event-stream clients)
     peer: str | None
+    api: str = "v4"  # the API generation (generations.Generation.name), for logs
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,7 @@ class StreamWriter:
         if fetched.gap is not None:
             out.append(gap_frame(fetched.gap.reason, fetched.gap.after, fetched.gap.before))
         out.extend(
-            encode(cursor.log_id, event)
+            encode(cursor.log_id, event, sub.filters.payload)
             for event in fetched.events
             if visible(sub.principal, sub.filters, event)
         )
@@ -218,10 +219,13 @@ def _log_fields(plan: StreamPlan) -> dict[str, Any]:
     return {
         "access_key": plan.principal.access_key,
         "role": plan.principal.role.value,
+        "api": plan.api,
         "filters": {
-            "sessionId": filters.session,
+            "sessionId": filters.session,  # the name, as v4 calls it
             "ownerAccessKey": filters.owner,
             "group": filters.group,
+            "sessionUuid": filters.session_uuid,
+            "scope": filters.prefix,
         },
         "resume": str(plan.cursor) if plan.cursor else None,
         "peer": plan.peer,

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import trio
@@ -30,6 +30,7 @@ from werkzeug.datastructures import MIMEAccept
 from werkzeug.http import parse_accept_header
 
 from .config import SESSION_MODE_TEXT, JwtSettings, SessionSettings, session_mode
+from .errors import RequestError
 from .limits import RateLimiter, retry_after_header
 from .policy import Principal
 from .sessions import (
@@ -42,9 +43,6 @@ from .sessions import (
     parse_login,
 )
 from .signing import AuthError
-
-if TYPE_CHECKING:
-    from .app import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -219,14 +217,9 @@ def browser_blueprint(
     codec: SessionCodec | None,
     cors: Cors,
     on_auth_failure: Callable[[str], None],
-    request_error: type[RequestError],
     login_limits: LoginLimits,
 ) -> Blueprint:
-    """Login, logout, the dashboard's files and CORS, as one blueprint.
-
-    ``request_error`` is ``app.RequestError`` (passed in: app imports this module), so
-    errors here get the app's JSON shape.
-    """
+    """Login, logout, the dashboard's files and CORS, as one blueprint."""
     bp = Blueprint("browser", __name__)
     cookie = session.cookie_name
 
@@ -243,7 +236,7 @@ def browser_blueprint(
         if origin is None or cors.allows(origin):
             return
         if _origin_host(origin) != request.headers.get("Host", "").lower():
-            raise request_error(403, "bad-origin", f"requests from {origin[:100]} are not allowed")
+            raise RequestError(403, "bad-origin", f"requests from {origin[:100]} are not allowed")
 
     def set_cookie(response: Response, value: str, max_age: int) -> None:
         response.set_cookie(
@@ -264,7 +257,7 @@ def browser_blueprint(
 
     async def read_body() -> bytes:
         if (request.content_length or 0) > MAX_LOGIN_BODY:
-            raise request_error(
+            raise RequestError(
                 400, "body-too-large", f"the login body is larger than {MAX_LOGIN_BODY} bytes"
             )
         data = bytearray()
@@ -274,13 +267,13 @@ def browser_blueprint(
             async for chunk in request.body:
                 data += chunk
                 if len(data) > MAX_LOGIN_BODY:
-                    raise request_error(
+                    raise RequestError(
                         400,
                         "body-too-large",
                         f"the login body is larger than {MAX_LOGIN_BODY} bytes",
                     )
         if waited.cancelled_caught:
-            raise request_error(
+            raise RequestError(
                 408,
                 "body-timeout",
                 f"the request body did not arrive within {login_limits.body_timeout:g} s "
@@ -289,15 +282,13 @@ def browser_blueprint(
         return bytes(data)
 
     def sign_in_off() -> RequestError:
-        return request_error(
+        return RequestError(
             404, "sessions-disabled", "browser sign-in is off on this server (session.enabled)"
         )
 
     def too_many(error: str, detail: str, wait: float) -> RequestError:
         seconds = retry_after_header(wait)
-        return request_error(
-            429, error, f"{detail}: retry in {seconds} s", {"Retry-After": seconds}
-        )
+        return RequestError(429, error, f"{detail}: retry in {seconds} s", {"Retry-After": seconds})
 
     @bp.post("/server/login")
     async def login() -> Response:
@@ -313,7 +304,7 @@ def browser_blueprint(
         try:
             credentials = parse_login(await read_body(), request.headers.get("Content-Type"))
         except LoginRequestError as exc:
-            raise request_error(exc.status, exc.error, exc.detail) from None
+            raise RequestError(exc.status, exc.error, exc.detail) from None
         wait = login_limits.per_key.retry_after(credentials.access_key)
         if wait:
             log.info("login refused: too many failures for %s", credentials.access_key[:128])
@@ -324,7 +315,7 @@ def browser_blueprint(
             login_limits.per_key.take(credentials.access_key)
             on_auth_failure(exc.reason)
             log.info("login failure (%s) from %s", exc.reason, address)
-            raise request_error(401, exc.reason, exc.message) from None
+            raise RequestError(401, exc.reason, exc.message) from None
         p = keypair.principal
         log.info("login: %s (%s) from %s", p.access_key, p.role, request.remote_addr)
         response = json_response(_principal_json(p) | {"expires_in": codec.max_age})
@@ -346,11 +337,11 @@ def browser_blueprint(
         if codec is None:
             raise sign_in_off()
         if token is None:
-            raise request_error(401, "missing", "not logged in")
+            raise RequestError(401, "missing", "not logged in")
         try:
             principal = codec.verify(token, lookup)
         except AuthError as exc:
-            raise request_error(401, exc.reason, exc.message) from None
+            raise RequestError(401, exc.reason, exc.message) from None
         return json_response(_principal_json(principal) | {"expires_in": codec.max_age})
 
     @bp.get("/ui/")
@@ -360,7 +351,7 @@ def browser_blueprint(
     @bp.get("/ui/<name>")
     async def ui_file(name: str) -> Response:
         if name not in UI_FILES:
-            raise request_error(404, "not-found", f"no such file: {name[:100]}")
+            raise RequestError(404, "not-found", f"no such file: {name[:100]}")
         return ui_response(name)
 
     @bp.before_app_request
@@ -374,7 +365,7 @@ def browser_blueprint(
             request.headers.get("Access-Control-Request-Headers", ""),
         )
         if headers is None:
-            raise request_error(403, "cors-refused", "this cross-origin request is not allowed")
+            raise RequestError(403, "cors-refused", "this cross-origin request is not allowed")
         response = Response("", status=204)
         response.headers.update(headers)
         return response

@@ -26,11 +26,12 @@ def upstream() -> Iterator[UpstreamServer]:
     server.stop(0)
 
 
-def make_settings(target: str, **server: Any) -> Settings:
+def make_settings(target: str, *, api_version: str | None = None, **server: Any) -> Settings:
     return Settings.model_validate(
         {
             "server": {"bind": "127.0.0.1:0", "graceful_timeout": 2.0, **server},
             "upstream": {"target": target, "reconnect_min": 0.05, "reconnect_max": 0.5},
+            "api": {"version": api_version} if api_version else {},
             "keypairs": [
                 k.settings().model_dump() | {"secret_key": k.secret_key} for k in ALL_KEYS
             ],
@@ -52,28 +53,36 @@ class ProxyUnderTest:
         self,
         key: Key,
         headers: dict[str, str] | None = None,
+        *,
+        path: str = EVENTS_PATH,
         **params: str,
     ) -> AsyncIterator[SSEReader]:
-        url = f"{self.url}{EVENTS_PATH}{query(**params)}"
+        url = f"{self.url}{path}{query(**params)}"
         all_headers = signed_headers(url, key) | (headers or {})
         async with self.client.stream("GET", url, headers=all_headers) as response:
             assert response.status_code == 200, (response.status_code, await response.aread())
             yield SSEReader(response)
 
     async def get(
-        self, key: Key | None, headers: dict[str, str] | None = None, **params: str
+        self,
+        key: Key | None,
+        headers: dict[str, str] | None = None,
+        *,
+        path: str = EVENTS_PATH,
+        **params: str,
     ) -> httpx.Response:
-        url = f"{self.url}{EVENTS_PATH}{query(**params)}"
+        url = f"{self.url}{path}{query(**params)}"
         all_headers = (signed_headers(url, key) if key else {}) | (headers or {})
         return await self.client.get(url, headers=all_headers)
 
 
 @asynccontextmanager
 async def started_proxy(
-    nursery: trio.Nursery, target: str, **server: Any
+    nursery: trio.Nursery, target: str, *, api_version: str | None = None, **server: Any
 ) -> AsyncIterator[ProxyUnderTest]:
     """A proxy on a loopback port, attached to ``target``; shut down on exit."""
-    running: RunningProxy = await nursery.start(run_proxy, make_settings(target, **server))
+    settings = make_settings(target, api_version=api_version, **server)
+    running: RunningProxy = await nursery.start(run_proxy, settings)
     await wait_until(lambda: running.bridge.live)
     async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as client:
         yield ProxyUnderTest(running, client)

@@ -60,12 +60,18 @@ def lifecycle(
     exit_code: int | None = None,
     kernel_id: str = "",
     sequence: int = 0,
+    session_uuid: str = "",
+    cluster_role: str = "",
+    cluster_idx: int = 0,
 ) -> pb.LifecycleEvent:
     event = pb.LifecycleEvent(
         sequence=sequence,
         name=name,
         session_id=session,
         kernel_id=kernel_id,
+        session_uuid=session_uuid,
+        cluster_role=cluster_role,
+        cluster_idx=cluster_idx,
         owner_access_key=owner.access_key,
         user_id=owner.user_id,
         domain_name=owner.domain,

@@ -6,13 +6,16 @@ Runs under the SDK's own virtualenv (`make sdk-env`: backend.ai-client==23.9.10 
 yarl==1.9.4), never under the project's: it imports nothing from this project.
 
     .venv-sdk/bin/python tests/sdk_client.py --endpoint http://127.0.0.1:PORT \
-        --access-key AK --secret-key SK --session NAME_OR_STAR \
-        [--owner-access-key AK2] [--group G] --count N --timeout SECONDS [--expect-error]
+        --access-key AK --secret-key SK (--session NAME_OR_STAR | --session-uuid UUID) \
+        [--owner-access-key AK2] [--group G] [--scope *|session|kernel] --count N \
+        --timeout SECONDS [--expect-error] [--expect-api-version vN.YYYYMMDD]
 
 It does what a user of the SDK does: `AsyncSession` (which first negotiates the API
-version with `GET /`), then `ComputeSession(name, owner_access_key).listen_events()`.
-That SDK call has no group parameter for v4 servers, so with `--group` the same request
-is built with the SDK's public `Request(...).connect_events()`, adding `group=G`.
+version with `GET /`), then `ComputeSession(name, owner_access_key).listen_events()`
+(or `ComputeSession.from_session_id(uuid)`, and `listen_events(scope=...)`): the SDK
+picks `/stream/kernel/_/events` for a v4 server and `/events/session` for v6 and later.
+That SDK call has no group parameter, so with `--group` the same request is built
+with the SDK's public `Request(...).connect_events()`, adding `group=G`.
 
 stdout: one JSON line per event, `{"event": name, "data": JSON-decoded data (the raw
 string if it is not JSON), "id": id or null}`.
@@ -32,6 +35,7 @@ import argparse
 import asyncio
 import json
 import sys
+import uuid
 import warnings
 from typing import Any
 
@@ -53,7 +57,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--endpoint", required=True)
     p.add_argument("--access-key", required=True, help="'' sends unsigned requests")
     p.add_argument("--secret-key", required=True)
-    p.add_argument("--session", required=True, help="session name, or '*'")
+    p.add_argument("--session", default=None, help="session name, or '*'")
+    p.add_argument(
+        "--session-uuid", default=None, help="a session UUID (ComputeSession.from_session_id)"
+    )
+    p.add_argument("--scope", default=None, help="listen_events(scope=...): *, session, kernel")
     p.add_argument("--owner-access-key", default=None)
     p.add_argument("--group", default=None)
     p.add_argument("--count", type=int, default=1)
@@ -68,13 +76,26 @@ def parse_args() -> argparse.Namespace:
 
 
 def open_stream(sess: AsyncSession, args: argparse.Namespace) -> SSEContextManager:
+    if args.session_uuid is not None:
+        session = sess.ComputeSession.from_session_id(uuid.UUID(args.session_uuid))
+    else:
+        session = sess.ComputeSession(args.session, args.owner_access_key)
     if args.group is None:
-        return sess.ComputeSession(args.session, args.owner_access_key).listen_events()
-    params = {"sessionId": args.session}
-    if args.owner_access_key:
-        params["owner_access_key"] = args.owner_access_key
+        if args.scope is None:
+            return session.listen_events()
+        return session.listen_events(scope=args.scope)
+    # The SDK's own call has no group parameter: the same request, plus group=G, on the
+    # path the SDK picks for the negotiated version.
+    if sess.api_version[0] >= 6:
+        params = {**session.get_session_identity_params(), "scope": args.scope or "*"}
+        path = "/events/session"
+    else:
+        params = {"sessionId": args.session}
+        if args.owner_access_key:
+            params["owner_access_key"] = args.owner_access_key
+        path = EVENTS_PATH
     params["group"] = args.group
-    return Request("GET", EVENTS_PATH, params=params).connect_events()
+    return Request("GET", path, params=params).connect_events()
 
 
 def decode(data: str) -> Any:

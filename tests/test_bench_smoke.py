@@ -117,5 +117,5 @@ def test_ingest_floor_writes_the_hubs_frames_byte_for_byte() -> None:
         batches = build_batches(2, kind=kind)
         frames: list[bytes] = []
         assert floor_once(batches, frames) > 0
-        assert len(frames) == 2 * BATCH
+        assert 0 < len(frames) <= 2 * BATCH  # less any sub-kernel events (not v4's)
         assert frames == hub_frames(batches)

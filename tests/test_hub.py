@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 
@@ -16,7 +17,8 @@ import proxy.hub as hub_module
 from proxy import policy
 from proxy.eventid import Cursor
 from proxy.events import Event
-from proxy.hub import Hub, Outbox
+from proxy.hub import Hub, Outbox, encode
+from proxy.payloads import Payload
 from proxy.policy import Filters, Principal, Role
 
 from .test_policy import events, filters, principals, reference_visible
@@ -61,25 +63,14 @@ def test_fan_out_delivers_exactly_what_the_policy_allows(
     subs: list[tuple[Principal, Filters]], evs: list[Event]
 ) -> None:
     hub = Hub(history_size=0, outbox_limit=10_000)
-    numbered = [
-        Event(
-            i + 1,
-            e.name,
-            e.session_id,
-            e.kernel_id,
-            e.owner_access_key,
-            e.user_id,
-            e.domain_name,
-            e.group_name,
-        )
-        for i, e in enumerate(evs)
-    ]
+    numbered = [dataclasses.replace(e, sequence=i + 1) for i, e in enumerate(evs)]
     with contextlib.ExitStack() as stack:
         subscriptions = [stack.enter_context(hub.subscribe(p, f)) for p, f in subs]
         hub.publish("log", numbered)
         for (p, f), sub in zip(subs, subscriptions, strict=True):
-            expected = [f"log:{e.sequence}" for e in numbered if reference_visible(p, f, e)]
-            assert ids(sub.outbox) == expected
+            # Each in its own generation's shape (payloads.py), byte for byte.
+            expected = [encode("log", e, f.payload) for e in numbered if reference_visible(p, f, e)]
+            assert frames_of(sub.outbox) == expected
 
 
 def test_frame_is_encoded_once_and_shared() -> None:
@@ -87,6 +78,21 @@ def test_frame_is_encoded_once_and_shared() -> None:
     with hub.subscribe(SUPER, Filters()) as a, hub.subscribe(USER, Filters()) as b:
         hub.publish("L", [ev(1)])
         assert a.outbox._frames[0] is b.outbox._frames[0]
+
+
+def test_each_generation_encodes_an_event_once_for_all_its_clients() -> None:
+    hub = Hub(history_size=10, outbox_limit=10)
+    v5 = Filters(main_only=False, payload=Payload.V5)
+    with contextlib.ExitStack() as stack:
+        old = [stack.enter_context(hub.subscribe(p, Filters())) for p in (SUPER, USER)]
+        new = [stack.enter_context(hub.subscribe(p, v5)) for p in (SUPER, USER)]
+        hub.publish("L", [ev(1)])
+        assert old[0].outbox._frames[0] is old[1].outbox._frames[0]
+        assert new[0].outbox._frames[0] is new[1].outbox._frames[0]
+        assert new[0].outbox._frames[0] == encode("L", ev(1), Payload.V5)
+        # A v5 client resuming from the history gets v5 frames too.
+        with hub.subscribe(USER, v5, after=Cursor("L", 0)) as late:
+            assert frames_of(late.outbox) == [encode("L", ev(1), Payload.V5)]
 
 
 def test_subscription_released_on_exit() -> None:

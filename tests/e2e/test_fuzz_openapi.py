@@ -38,6 +38,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from proxy.config import Settings
+from proxy.generations import STREAM_PATHS
 from proxy.openapi import DOCUMENT
 from proxy.signing import sign_headers
 
@@ -48,7 +49,7 @@ from ..live import LiveProxy, live_proxy
 SCALE = float(os.environ.get("KEP_FUZZ_SCALE", "1"))
 # Examples per operation and mode; the two with the most to get wrong get more.
 EXAMPLES = max(10, int(100 * SCALE))
-DEEP = {"GET /stream/kernel/_/events": 8, "POST /server/login": 5}
+DEEP = {"GET /stream/kernel/_/events": 8, "GET /events/session": 8, "POST /server/login": 5}
 SESSION_KEY = "fuzz-session-signing-key-" + "s" * 20
 JWT_KEY = "fuzz-jwt-hmac-key-" + "j" * 30
 SCHEMA = schemathesis.openapi.from_dict(DOCUMENT)
@@ -182,7 +183,7 @@ def exchange(live: LiveProxy, cookie: str, case: Any, credentials: str) -> None:
         media = response.headers.get("Content-Type", "")
         if status == 200 and media.startswith("text/event-stream"):
             # An endless stream: its head is the answer (the document says 200 + SSE).
-            assert case.operation.path == "/stream/kernel/_/events"
+            assert case.operation.path in STREAM_PATHS
             assert media == "text/event-stream; charset=utf-8"
             return
         response.content  # noqa: B018 - read it whole before validating

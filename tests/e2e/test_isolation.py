@@ -11,9 +11,11 @@ missing. Seeded and bounded; a few seconds.
 from __future__ import annotations
 
 import random
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
@@ -22,6 +24,7 @@ import trio
 from proxy._pb.kernel_events.v1 import events_pb2 as pb
 from proxy.config import Settings
 from proxy.events import Event
+from proxy.payloads import Payload
 from proxy.policy import Filters, Principal, Role
 from proxy.server import RunningProxy, run_proxy
 from proxy.upstream_server import UpstreamServer
@@ -33,7 +36,16 @@ from ..test_policy import reference_visible
 DOMAINS = ["default", "research", "ops"]
 GROUPS = ["g1", "g2", "g3"]
 SESSIONS = [f"sess-{i}" for i in range(8)]
-NAMES = ["kernel_preparing", "kernel_started", "kernel_terminated", "kernel_cancelled"]
+UUIDS = [str(uuid.UUID(int=i + 1, version=4)) for i in range(6)]
+NAMES = [
+    "kernel_preparing",
+    "kernel_started",
+    "kernel_terminated",
+    "kernel_cancelled",
+    "session_started",
+    "session_failure",
+]
+V5_PATH = "/events/session"
 
 
 def principals() -> list[Key]:
@@ -55,27 +67,46 @@ KEYS = principals()
 @dataclass
 class Client:
     key: Key
+    path: str
     params: dict[str, str]
     principal: Principal
     filters: Filters
     got: list[int]
 
 
-def reference_filters(key: Key, params: dict[str, str]) -> Filters:
+def reference_filters(key: Key, path: str, params: dict[str, str]) -> Filters:
     """The filters a request asks for, resolved independently of proxy.policy."""
-    session = params.get("sessionId", "*")
+    v5 = path == V5_PATH
+    session = (
+        params.get("sessionName", params.get("name", "*")) if v5 else params.get("sessionId", "*")
+    )
     owner = params.get("ownerAccessKey", params.get("owner_access_key", "*"))
     group = params.get("group", params.get("groupName", "*"))
     session_f = None if session == "*" else session
     owner_f = None if owner == "*" else owner
     if session_f is not None and owner_f is None:
         owner_f = key.access_key  # naming a session means your own, unless you say whose
-    return Filters(session_f, owner_f, None if group == "*" else group)
+    group_f = None if group == "*" else group
+    if not v5:
+        return Filters(session_f, owner_f, group_f)
+    scope = params.get("scope", "*")
+    prefix = None if scope == "*" else f"{scope}_"
+    extra: dict[str, Any] = {"prefix": prefix, "main_only": False, "payload": Payload.V5}
+    if "sessionId" in params:  # a UUID: it overrides the name and the owner
+        return Filters(None, None, group_f, session_uuid=params["sessionId"], **extra)
+    return Filters(session_f, owner_f, group_f, **extra)
 
 
-def random_params(rng: random.Random, key: Key) -> dict[str, str]:
+def random_params(rng: random.Random, key: Key, path: str) -> dict[str, str]:
     params: dict[str, str] = {}
-    if rng.random() < 0.4:
+    if path == V5_PATH:
+        if rng.random() < 0.2:
+            params["sessionId"] = rng.choice(UUIDS)
+        elif rng.random() < 0.4:
+            params[rng.choice(["sessionName", "name"])] = rng.choice(SESSIONS)
+        if rng.random() < 0.4:
+            params["scope"] = rng.choice(["*", "session", "kernel"])
+    elif rng.random() < 0.4:
         params["sessionId"] = rng.choice(SESSIONS)
     if rng.random() < 0.4:
         owner = rng.choice(KEYS).access_key if key.role != "user" else key.access_key
@@ -103,6 +134,9 @@ def random_event(rng: random.Random) -> pb.LifecycleEvent:
         user_id=user,
         domain_name=domain,
         group_name=rng.choice(GROUPS),
+        session_uuid=rng.choice(["", *UUIDS]),
+        cluster_role=rng.choice(["", "main", "sub"]),
+        cluster_idx=rng.randrange(3),
     )
 
 
@@ -110,13 +144,15 @@ def sentinel(client: Client, index: int) -> pb.LifecycleEvent:
     """An event this client may see, so it knows when it has had everything."""
     p, f = client.principal, client.filters
     return pb.LifecycleEvent(
-        name="kernel_started",
+        name="session_started" if f.prefix == "session_" else "kernel_started",
         session_id=f.session or "sess-sentinel",
         owner_access_key=f.owner or p.access_key,
         user_id=p.user_id,
         domain_name=p.domain,
         group_name=f.group or "g1",
         kernel_id=f"sentinel-{index}",
+        session_uuid=f.session_uuid or UUIDS[0],
+        cluster_role="main",
     )
 
 
@@ -130,6 +166,9 @@ def as_event(sequence: int, msg: pb.LifecycleEvent) -> Event:
         user_id=msg.user_id,
         domain_name=msg.domain_name,
         group_name=msg.group_name,
+        session_uuid=msg.session_uuid,
+        cluster_role=msg.cluster_role,
+        cluster_idx=msg.cluster_idx,
     )
 
 
@@ -157,16 +196,18 @@ async def test_every_client_gets_exactly_what_the_reference_policy_allows(
         refused = 0
         for _ in range(n_clients):
             key = rng.choice(KEYS)
-            params = random_params(rng, key)
+            path = rng.choice([EVENTS_PATH, V5_PATH])
+            params = random_params(rng, key, path)
             if key.role == "user" and rng.random() < 0.1:
                 # A user naming another owner's key: refused, never streamed.
                 other = rng.choice([k for k in KEYS if k.access_key != key.access_key])
-                response = await proxy.get(key, ownerAccessKey=other.access_key)
+                response = await proxy.get(key, path=path, ownerAccessKey=other.access_key)
                 assert response.status_code == 403, response.text
                 refused += 1
                 continue
             principal = Principal(key.access_key, Role(key.role), key.user_id, key.domain)
-            clients.append(Client(key, params, principal, reference_filters(key, params), []))
+            filters = reference_filters(key, path, params)
+            clients.append(Client(key, path, params, principal, filters, []))
 
         head = upstream.log.head
         messages = [random_event(rng) for _ in range(n_events)]
@@ -179,7 +220,7 @@ async def test_every_client_gets_exactly_what_the_reference_policy_allows(
         assert all(expected), "every client has at least its sentinel"
 
         async def read(client: Client, last: int, task_status: trio.TaskStatus[None]) -> None:
-            url = f"{proxy.url}{EVENTS_PATH}{query(**client.params)}"
+            url = f"{proxy.url}{client.path}{query(**client.params)}"
             async with proxy.client.stream(
                 "GET", url, headers=signed_headers(url, client.key)
             ) as response:
@@ -190,6 +231,8 @@ async def test_every_client_gets_exactly_what_the_reference_policy_allows(
                     frame = await reader.next()
                     assert frame.event in NAMES, (frame.event, frame.data)
                     assert frame.id is not None
+                    # Each generation's own data shape: v5 names the session sessionName.
+                    assert ("sessionName" in frame.data) == (client.path == V5_PATH)
                     client.got.append(int(frame.id.rsplit(":", 1)[1]))
 
         with trio.fail_after(60):
@@ -210,3 +253,4 @@ async def test_every_client_gets_exactly_what_the_reference_policy_allows(
         assert delivered > n_events
         assert refused + len(clients) == n_clients
         assert {c.key.role for c in clients} == {"user", "admin", "superadmin"}
+        assert {c.path for c in clients} == {EVENTS_PATH, V5_PATH}

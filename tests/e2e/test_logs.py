@@ -62,7 +62,14 @@ async def test_json_logs_record_each_stream_with_its_principal_and_counts(
     assert len(opened) == len(closed) == 1
     assert opened[0]["access_key"] == USER1.access_key
     assert opened[0]["role"] == "user"
-    assert opened[0]["filters"] == {"sessionId": None, "ownerAccessKey": None, "group": "g1"}
+    assert opened[0]["filters"] == {
+        "sessionId": None,
+        "ownerAccessKey": None,
+        "group": "g1",
+        "sessionUuid": None,
+        "scope": None,
+    }
+    assert opened[0]["api"] == "v4"
     assert closed[0]["events_sent"] == 3
     assert closed[0]["reason"] == "client-gone"
     assert closed[0]["duration_s"] > 0

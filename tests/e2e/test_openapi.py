@@ -19,7 +19,7 @@ from proxy.upstream import UpstreamBridge
 from proxy.upstream_server import UpstreamServer
 
 from ..conftest import ProxyUnderTest, make_settings
-from ..helpers import SUPER, USER1, Key, wait_until
+from ..helpers import SUPER, USER1, Key, signed_headers, wait_until
 
 
 def check(response: httpx.Response, path: str, method: str = "get") -> None:
@@ -70,18 +70,18 @@ async def test_real_responses_match_the_document(
     check(await client.get(f"{url}/healthz"), "/healthz")
     check(await client.get(f"{url}/readyz"), "/readyz")
     check(await client.get(f"{url}/metrics"), "/metrics")
-    events = "/stream/kernel/_/events"
-    check(await proxy.get(None), events)  # 401
-    check(await proxy.get(Key("AKX", "unknown-secret-value", "user", "u", "d")), events)
-    check(await proxy.get(USER1, sessionId="s", ownerAccessKey="AKUSER2"), events)  # 403
-    check(await proxy.get(USER1, bogus="1"), events)  # 400
-    check(await proxy.get(SUPER, headers={"Last-Event-ID": "nope"}), events)  # 400
-    async with proxy.client.stream(
-        "GET",
-        f"{url}{events}",
-        headers=__import__("tests.helpers").helpers.signed_headers(f"{url}{events}", SUPER),
-    ) as response:
-        check(response, events)
+    for events, name in (("/stream/kernel/_/events", "sessionId"), ("/events/session", "name")):
+        check(await proxy.get(None, path=events), events)  # 401
+        stranger = Key("AKX", "unknown-secret-value", "user", "u", "d")
+        check(await proxy.get(stranger, path=events), events)
+        other: dict[str, str] = {name: "s", "ownerAccessKey": "AKUSER2"}
+        check(await proxy.get(USER1, None, path=events, **other), events)  # 403
+        check(await proxy.get(USER1, path=events, bogus="1"), events)  # 400
+        check(await proxy.get(SUPER, {"Last-Event-ID": "nope"}, path=events), events)  # 400
+        async with proxy.client.stream(
+            "GET", f"{url}{events}", headers=signed_headers(f"{url}{events}", SUPER)
+        ) as response:
+            check(response, events)
     upstream.stop(0)
     await wait_until(lambda: not proxy.running.bridge.live)
     check(await client.get(f"{url}/readyz"), "/readyz")  # 503

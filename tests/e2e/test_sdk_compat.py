@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ import trio
 from proxy._pb.kernel_events.v1 import events_pb2 as pb
 from proxy.upstream_server import UpstreamServer
 
-from ..conftest import ProxyUnderTest
+from ..conftest import ProxyUnderTest, started_proxy
 from ..helpers import ADMIN, USER1, USER2, Key, lifecycle, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -194,3 +196,153 @@ async def test_sdk_stops_on_server_close(proxy: ProxyUnderTest) -> None:
     # Exit 4: the SDK saw `server_close` and stopped listening, before 5 events.
     assert done.returncode == 4, (done.returncode, done.stderr.decode())
     assert json.loads(done.stdout.decode().splitlines()[-1])["event"] == "server_close"
+
+
+# --- The SDK on /events/session: the proxy advertises v7.20230615 ---------------------
+
+V7 = "v7.20230615"
+U1, U2, U3 = (str(uuid.UUID(int=n, version=4)) for n in (1, 2, 3))
+K_MAIN, K_SUB = "k-main-0001", "k-sub-0002"
+EXIT_CODE_EVENTS = {"kernel_terminating", "kernel_terminated", "session_success", "session_failure"}
+
+
+def cluster_log() -> list[pb.LifecycleEvent]:
+    """USER1's cluster session c1 (U1: a main and a sub kernel), USER2's own c1 (U2) and
+    USER1's o1 (U3), interleaved as a manager would publish them."""
+
+    def kernel(name: str, session: str, owner: Key, sid: str, role: str, idx: int,
+               **kw: Any) -> pb.LifecycleEvent:  # fmt: skip
+        kid = K_MAIN if role == "main" else K_SUB
+        return lifecycle(name, session, owner, session_uuid=sid, kernel_id=kid,
+                         cluster_role=role, cluster_idx=idx, **kw)  # fmt: skip
+
+    def session(name: str, session: str, owner: Key, sid: str, **kw: Any) -> pb.LifecycleEvent:
+        return lifecycle(name, session, owner, session_uuid=sid, **kw)
+
+    return [
+        session("session_enqueued", "c1", USER1, U1),
+        session("session_enqueued", "c1", USER2, U2),
+        kernel("kernel_pulling", "c1", USER1, U1, "main", 0, reason="cr.example/python:3.11"),
+        kernel("kernel_started", "c1", USER1, U1, "main", 0),
+        kernel("kernel_started", "c1", USER1, U1, "sub", 1),
+        session("session_started", "o1", USER1, U3),
+        session("session_started", "c1", USER1, U1),
+        kernel("kernel_started", "c1", USER2, U2, "main", 0),
+        kernel("kernel_terminated", "c1", USER1, U1, "sub", 1, exit_code=0),
+        kernel("kernel_terminated", "c1", USER1, U1, "main", 0, exit_code=0),
+        session("session_success", "c1", USER1, U1, exit_code=0),
+        session("session_terminated", "c1", USER1, U1),
+    ]
+
+
+def reference(
+    caller: Key,
+    log: list[pb.LifecycleEvent],
+    *,
+    name: str = "*",
+    owner: str | None = None,
+    session_uuid: str | None = None,
+    scope: str = "*",
+) -> list[dict[str, Any]]:
+    """What the generations page says a /events/session client receives, written out."""
+    out = []
+    for e in log:
+        if caller.role == "user":
+            mine = e.user_id == caller.user_id and e.domain_name == caller.domain
+        else:
+            mine = caller.role == "superadmin" or e.domain_name == caller.domain
+        if scope != "*" and not e.name.startswith(scope + "_"):
+            continue
+        if session_uuid is not None:
+            wanted = e.session_uuid == session_uuid
+        elif name != "*":
+            wanted = e.session_id == name and e.owner_access_key == (owner or caller.access_key)
+        else:
+            wanted = True
+        if not (mine and wanted):
+            continue
+        data: dict[str, Any] = {
+            "reason": e.reason if e.HasField("reason") else None,
+            "sessionName": e.session_id,
+            "ownerAccessKey": e.owner_access_key,
+            "sessionId": e.session_uuid,
+            "exitCode": e.exit_code if e.name in EXIT_CODE_EVENTS else None,
+        }
+        if e.name.startswith("kernel_"):
+            data |= {"kernelId": e.kernel_id, "clusterRole": e.cluster_role,
+                     "clusterIdx": e.cluster_idx}  # fmt: skip
+        out.append({"event": e.name, "data": data})
+    return out
+
+
+@pytest.fixture
+async def proxy_v7(
+    upstream: UpstreamServer, nursery: trio.Nursery
+) -> AsyncIterator[ProxyUnderTest]:
+    async with started_proxy(nursery, upstream.target, api_version=V7) as running:
+        yield running
+
+
+@pytest.mark.parametrize(
+    ("caller", "args", "expect"),
+    [
+        (USER1, ["--session", "c1"], {"name": "c1"}),
+        (USER1, ["--session", "*"], {}),
+        (ADMIN, ["--session", "c1", "--owner-access-key", USER2.access_key],
+         {"name": "c1", "owner": USER2.access_key}),
+        (ADMIN, ["--session", "*"], {}),
+        (USER1, ["--session-uuid", U1], {"session_uuid": U1}),
+        (ADMIN, ["--session-uuid", U2], {"session_uuid": U2}),
+        (USER1, ["--session", "c1", "--scope", "session"], {"name": "c1", "scope": "session"}),
+        (USER1, ["--session-uuid", U1, "--scope", "kernel"],
+         {"session_uuid": U1, "scope": "kernel"}),
+    ],
+    ids=["own-name", "own-all", "admin-other-owner", "admin-all", "uuid", "admin-uuid",
+         "scope-session", "scope-kernel"],
+)  # fmt: skip
+async def test_sdk_on_events_session_receives_what_the_spec_says(
+    proxy_v7: ProxyUnderTest,
+    upstream: UpstreamServer,
+    caller: Key,
+    args: list[str],
+    expect: dict[str, Any],
+) -> None:
+    log = cluster_log()
+    expected = reference(caller, log, **expect)
+    assert expected, "the reference must expect something for the test to mean anything"
+    opened = proxy_v7.running.hub.streams_opened["v5"]
+    got = await sdk_receives(
+        proxy_v7, upstream, caller, log, *args, "--expect-api-version", V7, count=len(expected)
+    )
+    assert [{"event": e["event"], "data": e["data"]} for e in got] == expected
+    ids = [e["id"] for e in got]
+    assert all(i.startswith(upstream.log.log_id + ":") for i in ids)
+    assert ids == sorted(ids, key=lambda i: int(i.rsplit(":", 1)[1]))
+    # The SDK chose /events/session (the v5 generation) from the advertised version.
+    assert proxy_v7.running.hub.streams_opened["v5"] == opened + 1
+
+
+async def test_sdk_on_v4_does_not_get_sub_kernel_events(
+    proxy: ProxyUnderTest, upstream: UpstreamServer
+) -> None:
+    log = cluster_log()
+    got = await sdk_receives(proxy, upstream, USER1, log, "--session", "c1", count=7)
+    assert [(e["event"], e["data"].get("kernelId")) for e in got] == [
+        ("session_enqueued", None),
+        ("kernel_pulling", K_MAIN),
+        ("kernel_started", K_MAIN),
+        ("session_started", None),
+        ("kernel_terminated", K_MAIN),
+        ("session_success", None),
+        ("session_terminated", None),
+    ]
+    assert got[0]["data"] == {"sessionId": "c1", "ownerAccessKey": "AKUSER1", "reason": None}
+
+
+async def test_sdk_on_v7_user_naming_another_owner_gets_403(proxy_v7: ProxyUnderTest) -> None:
+    done = await run_sdk(
+        proxy_v7, USER1, "--session", "x", "--owner-access-key", "AKUSER2",
+        "--expect-error", "--expect-api-version", V7,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    assert json.loads(done.stdout)["error"] == 403

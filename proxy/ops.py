@@ -1,0 +1,65 @@
+"""The operational routes: the version document, OpenAPI, health, readiness, metrics.
+
+``GET /`` is what the official SDK negotiates its API version from (it then picks
+its events path: generations.py); a browser, which prefers ``text/html``, gets the
+dashboard there instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quart import Blueprint, Response, request
+
+from . import __version__
+from .errors import json_text
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
+from .openapi import DOCUMENT as OPENAPI
+from .upstream import UpstreamBridge
+from .web import prefers_html, ui_response
+
+
+def ops_blueprint(
+    *, api_version: str, bridge: UpstreamBridge, metrics: Metrics, serve_metrics: bool
+) -> Blueprint:
+    """``serve_metrics``: whether ``/metrics`` is on this listener (not a separate bind)."""
+    bp = Blueprint("ops", __name__)
+    version = {"version": api_version, "manager": "kernel-events-proxy", "proxy": __version__}
+
+    @bp.get("/")
+    async def index() -> dict[str, Any] | Response:
+        # A browser (it prefers text/html) gets the dashboard; the SDK's `*/*`, JSON.
+        if prefers_html(request.headers.get("Accept")):
+            return ui_response()
+        return version
+
+    @bp.after_app_request
+    async def vary_on_accept(response: Response) -> Response:
+        if request.path == "/":
+            response.vary.add("Accept")
+        return response
+
+    @bp.get("/openapi.json")
+    async def openapi() -> dict[str, Any]:
+        return OPENAPI
+
+    @bp.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok"}
+
+    @bp.get("/readyz")
+    async def readyz() -> Response:
+        live = bridge.live
+        body = {"status": "ready" if live else "upstream-unavailable", "upstream": live}
+        return Response(
+            json_text(body), status=200 if live else 503, content_type="application/json"
+        )
+
+    if serve_metrics:
+
+        @bp.get("/metrics")
+        async def metrics_endpoint() -> Response:
+            return Response(metrics.render(), content_type=METRICS_CONTENT_TYPE)
+
+    return bp
