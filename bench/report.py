@@ -333,6 +333,16 @@ def targets(doc: Json) -> list[Json]:
         lambda v: v <= 5.0,
         f"{_fmt(growth, '.1f')} MiB",
     )
+    mixed = _get(mine, "generations", "mixed_over_one")
+    add(
+        "CPU/delivery with v4 and v5 clients mixed <= 1.1x v4 only",
+        mixed,
+        lambda v: v <= 1.1,
+        f"{_fmt(mixed, '.2f')}x ("
+        f"{_fmt(_get(mine, 'generations', 'mixed_us'), '.2f')} vs "
+        f"{_fmt(_get(mine, 'generations', 'one_us'), '.2f')} µs, medians of "
+        f"{len(mine.get('generations', {}).get('cpu_us_per_delivery', {}).get('one', []))})",
+    )
     return out
 
 

@@ -433,16 +433,18 @@ class Bench:
         )
 
     def generations(self, system: System) -> Json:
-        """CPU per delivery of a fan-out burst to v4 clients only, and to half v4, half
-        v5 (``/events/session``) clients: each event is encoded once per generation,
-        so mixing them must cost little. Rounds alternate, so the shared machine's
-        drift falls on both alike; the medians are compared."""
+        """CPU per delivery of the fan-out latency phase (paced events, one write per
+        client and event: the per-delivery path) to v4 clients only, and to half v4,
+        half v5 (``/events/session``) clients: each event is encoded once per
+        generation, so mixing them must cost little. Rounds alternate, so the shared
+        machine's drift falls on both alike; the medians are compared."""
         s = self.scale
         n = s.fanout_clients
         v4 = system.start(users=0, route="all")
         v5 = replace(v4, all_path=V5_PATH)
         clients = self.clients(system, n)
         per: dict[str, list[float]] = {"one": [], "mixed": []}
+        seconds = min(s.fanout_seconds, 4.0)
         try:
             for _ in range(GENERATION_ROUNDS):
                 for mode in per:
@@ -450,10 +452,19 @@ class Bench:
                     clients.connect(v4, which="all", start=0, count=half)
                     clients.connect(v5, which="all", start=half, count=n - half)
                     self.pause(0.5)
-                    burst = self.burst(f"generations-{mode}", system, clients, n)
+                    count = int(s.fanout_rate * seconds)
+                    paced = self.phase(
+                        f"generations-{mode}",
+                        system,
+                        clients,
+                        {"op": "send", "kind": "all", "count": count, "rate": s.fanout_rate},
+                        expected=count * n,
+                        per_event=n,
+                        send_seconds=seconds,
+                    )
                     clients.close()
-                    if burst["complete"] and burst["cpu_us_per_delivery"]:
-                        per[mode].append(burst["cpu_us_per_delivery"])
+                    if paced["complete"] and paced["cpu_us_per_delivery"] is not None:
+                        per[mode].append(paced["cpu_us_per_delivery"])
         finally:
             clients.stop()
         one = statistics.median(per["one"]) if per["one"] else None

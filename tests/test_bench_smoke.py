@@ -94,8 +94,13 @@ def test_bench_harness_smoke(tmp_path: Path) -> None:
     assert f"send floor: {floor_p99:.1f} ms" in p99_target["detail"]
     assert len(proxy["ingest"]["runs_events_per_s"]) == scale["ingest_runs"]
 
+    generations = proxy["generations"]
+    rounds = generations["cpu_us_per_delivery"]
+    assert len(rounds["one"]) == len(rounds["mixed"]) == 3, rounds
+    assert generations["mixed_over_one"] is None or generations["mixed_over_one"] > 0
+
     statuses = {t["name"]: t["status"] for t in doc["targets"]}
-    assert len(statuses) == 8
+    assert len(statuses) == 9
     assert set(statuses.values()) <= {"PASS", "FAIL", "N/A"}
     assert "| ingest: events/s" in (out / "results.md").read_text()
 
