@@ -47,6 +47,9 @@ GAP_EVENT: Final = "stream_gap"
 OVERFLOW_EVENT: Final = "stream_overflow"
 SERVER_CLOSE_EVENT: Final = "server_close"
 _API_LABELS: Final = {payload: payload.name.lower() for payload in Payload}
+# Hub.publish keeps an event's frames in a list indexed by Payload, literally
+# [v4, None]: a third generation must widen it there.
+assert len(Payload) == 2
 
 
 class _Entry(NamedTuple):
