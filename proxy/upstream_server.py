@@ -191,6 +191,8 @@ class KernelEventsServicer(pb_grpc.KernelEventsServiceServicer):
     ) -> Iterator[pb.SnapshotResponse]:
         event_log = self._log
         head, events = event_log.snapshot()
+        if request.max_event_bytes:
+            events = [e for e in events if e.ByteSize() <= request.max_event_bytes]
         chunks = list(_by_size(events)) or [[]]
         for i, chunk in enumerate(chunks):
             yield pb.SnapshotResponse(

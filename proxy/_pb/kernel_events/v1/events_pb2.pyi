@@ -42,16 +42,23 @@ Global___Result: _TypeAlias = Result  # noqa: Y015
 
 @_typing.final
 class SnapshotRequest(_message.Message):
-    """SnapshotRequest asks for the current state. No fields yet."""
+    """SnapshotRequest asks for the current state."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    MAX_EVENT_BYTES_FIELD_NUMBER: _builtins.int
+    max_event_bytes: _builtins.int
+    """Events larger than this many bytes (serialized) are left out: a subscriber that
+    could not take them would otherwise fail the whole snapshot. 0: no limit.
+    """
     def __init__(
         self,
+        *,
+        max_event_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_event_bytes", b"max_event_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
