@@ -24,12 +24,9 @@ from proxy.policy import Filters, Principal
 from proxy.state import State, fold, select, terminal
 
 from .test_policy import (
-    DOMAINS,
-    GROUPS,
-    KEYS,
-    SESSIONS,
-    USERS,
-    UUIDS,
+    SESSION_FIELDS,
+    V4_FILTER_FIELDS,
+    V5_FILTER_FIELDS,
     principals,
     reference_visible,
 )
@@ -89,21 +86,9 @@ def state_map(
 
 def stream_filters() -> st.SearchStrategy[Filters]:
     """Filters as the two generations' parsers make them."""
-    v4 = st.builds(
-        Filters,
-        session=st.none() | st.sampled_from(SESSIONS),
-        owner=st.none() | st.sampled_from(KEYS),
-        group=st.none() | st.sampled_from(GROUPS),
-    )
+    v4 = st.builds(Filters, **V4_FILTER_FIELDS)
     v5 = st.builds(
-        Filters,
-        session=st.none() | st.sampled_from(SESSIONS),
-        owner=st.none() | st.sampled_from(KEYS),
-        group=st.none() | st.sampled_from(GROUPS),
-        session_uuid=st.none() | st.sampled_from(UUIDS),
-        prefix=st.sampled_from([None, "session_", "kernel_"]),
-        main_only=st.just(False),
-        payload=st.just(Payload.V5),
+        Filters, **V5_FILTER_FIELDS, main_only=st.just(False), payload=st.just(Payload.V5)
     )
     return v4 | v5
 
@@ -112,14 +97,8 @@ raw_events = st.builds(
     Event,
     sequence=st.just(0),
     name=st.sampled_from(NAMES),
-    session_id=st.sampled_from(SESSIONS),
     kernel_id=st.sampled_from(["", "k1", "k2", "k3"]),
-    owner_access_key=st.sampled_from(KEYS),
-    user_id=st.sampled_from(USERS),
-    domain_name=st.sampled_from(DOMAINS),
-    group_name=st.sampled_from(GROUPS),
-    session_uuid=st.sampled_from(["", *UUIDS]),
-    cluster_role=st.sampled_from(["", "main", "sub"]),
+    **SESSION_FIELDS,
     cluster_idx=st.integers(0, 2),
     exit_code=st.none() | st.integers(0, 2),
 )

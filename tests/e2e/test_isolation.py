@@ -186,6 +186,14 @@ async def isolation_proxy(nursery: trio.Nursery, target: str) -> AsyncIterator[P
     running.shutdown()
 
 
+@asynccontextmanager
+async def client_stream(proxy: ProxyUnderTest, client: Client) -> AsyncIterator[SSEReader]:
+    url = f"{proxy.url}{client.path}{query(**client.params)}"
+    async with proxy.client.stream("GET", url, headers=signed_headers(url, client.key)) as response:
+        assert response.status_code == 200, await response.aread()
+        yield SSEReader(response)
+
+
 @pytest.mark.parametrize("seed", [7, 2024])
 async def test_every_client_gets_exactly_what_the_reference_policy_allows(
     upstream: UpstreamServer, nursery: trio.Nursery, seed: int
@@ -221,13 +229,8 @@ async def test_every_client_gets_exactly_what_the_reference_policy_allows(
         assert all(expected), "every client has at least its sentinel"
 
         async def read(client: Client, last: int, task_status: trio.TaskStatus[None]) -> None:
-            url = f"{proxy.url}{client.path}{query(**client.params)}"
-            async with proxy.client.stream(
-                "GET", url, headers=signed_headers(url, client.key)
-            ) as response:
-                assert response.status_code == 200, await response.aread()
+            async with client_stream(proxy, client) as reader:
                 task_status.started()
-                reader = SSEReader(response)
                 while not client.got or client.got[-1] < last:
                     frame = await reader.next()
                     assert frame.event in NAMES, (frame.event, frame.data)
@@ -291,13 +294,8 @@ async def test_state_clients_see_exactly_the_reference_state_and_nothing_else(
         shown: dict[int, list[tuple[str, Any]]] = {id(c): [] for c in clients}
 
         async def read(client: Client, task_status: trio.TaskStatus[None]) -> None:
-            url = f"{proxy.url}{client.path}{query(**client.params)}"
-            async with proxy.client.stream(
-                "GET", url, headers=signed_headers(url, client.key)
-            ) as response:
-                assert response.status_code == 200, await response.aread()
+            async with client_stream(proxy, client) as reader:
                 task_status.started()
-                reader = SSEReader(response)
                 payload = client.filters.payload
                 while True:
                     frame = await reader.next()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
@@ -32,6 +35,14 @@ def _log_three_sessions(log: EventLog) -> None:
             lifecycle("session_started", "a", USER1, session_uuid=UUID_A),
         ]
     )  # fmt: skip
+
+
+@asynccontextmanager
+async def three_sessions(upstream: UpstreamServer, nursery: trio.Nursery) -> AsyncIterator[Any]:
+    """A proxy attached to an upstream whose log already holds three sessions."""
+    _log_three_sessions(upstream.log)
+    async with started_proxy(nursery, upstream.target) as proxy:
+        yield proxy
 
 
 async def _state(reader: SSEReader) -> tuple[Frame, list[Frame], Frame]:
@@ -81,9 +92,8 @@ async def test_the_state_frames_byte_for_byte_then_live_from_its_position(
 async def test_a_user_sees_only_their_own_sessions_in_the_state(
     upstream: UpstreamServer, nursery: trio.Nursery
 ) -> None:
-    _log_three_sessions(upstream.log)
     async with (
-        started_proxy(nursery, upstream.target) as proxy,
+        three_sessions(upstream, nursery) as proxy,
         proxy.stream(USER2, initialState="true") as reader,
     ):
         _, body, end = await _state(reader)
@@ -97,9 +107,8 @@ async def test_a_user_sees_only_their_own_sessions_in_the_state(
 async def test_without_initial_state_nothing_changes(
     upstream: UpstreamServer, nursery: trio.Nursery
 ) -> None:
-    _log_three_sessions(upstream.log)
     async with (
-        started_proxy(nursery, upstream.target) as proxy,
+        three_sessions(upstream, nursery) as proxy,
         proxy.stream(ADMIN, initialState="false") as reader,
     ):
         upstream.log.append([lifecycle("session_terminated", "b", USER2)])
