@@ -10,7 +10,7 @@ answered. The request parsing helpers are pure functions of the raw values.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, cast
 from urllib.parse import parse_qs
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 MAX_QUERY_FIELDS: Final = 16
 # Parameters every generation takes besides its filters.
-COMMON_PARAMS: Final = frozenset({"lastEventId"})
+COMMON_PARAMS: Final = frozenset({"lastEventId", "initialState"})
 # Headers that authenticate a request must appear once: with two, which one was signed?
 _SINGLE_HEADERS: Final = frozenset(
     {"authorization", "date", "x-backendai-date", "host", "content-type", "x-backendai-version"}
@@ -77,6 +77,16 @@ def parse_resume(header: Sequence[str], params: Mapping[str, Sequence[str]]) -> 
         raise RequestError(400, "bad-last-event-id", str(exc)) from None
 
 
+def parse_initial_state(params: Mapping[str, Sequence[str]]) -> bool:
+    """``initialState``: ``true`` (the state first, resyncs instead of gaps) or ``false``."""
+    values = set(params.get("initialState", ()))
+    if not values:
+        return False
+    if len(values) > 1 or not values <= {"true", "false"}:
+        raise RequestError(400, "bad-parameter", "parameter 'initialState' must be true or false")
+    return values == {"true"}
+
+
 def auth_headers(raw_headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     """Lower-cased headers, each authenticating one at most once."""
     headers: dict[str, str] = {}
@@ -112,7 +122,9 @@ class Admission:
         *,
         codec: SessionCodec | None,
         bearer: JwtVerifier | None,
+        state_available: Callable[[], bool] = lambda: True,
     ) -> None:
+        self._state_available = state_available
         self._settings = settings
         # The live key set (reloaded from the keypairs file), or the configured one.
         self.keypairs = keypairs
@@ -166,6 +178,14 @@ class Admission:
                 exc.status, "forbidden" if exc.status == 403 else "bad-parameter", exc.message
             ) from None
         cursor = parse_resume(request.headers.getlist("Last-Event-ID"), params)
+        initial_state = parse_initial_state(params)
+        if initial_state and not self._state_available():
+            raise RequestError(
+                503,
+                "state-unavailable",
+                "the upstream offers no snapshot, so no state can be sent (initialState)",
+                {"Retry-After": "30"},
+            )
         self._take_slot(principal)
         # Clients that declare they speak text/event-stream (EventSource always does) get
         # id-only position blocks; the official SDK sends `*/*` and would turn such a
@@ -175,7 +195,13 @@ class Admission:
             # Admitted: the stream itself is served once this request is over (see
             # guard.serve_streams). A HEAD gets the same head and no body.
             cast(dict[str, Any], request.scope)[PLAN_SCOPE_KEY] = StreamPlan(
-                principal, filters, cursor, positions, request.remote_addr, generation.name
+                principal,
+                filters,
+                cursor,
+                positions,
+                request.remote_addr,
+                generation.name,
+                initial_state,
             )
         response = Response(b"", content_type="text/event-stream; charset=utf-8")
         response.headers["Cache-Control"] = "no-cache"

@@ -53,6 +53,7 @@ def create_app(
         metrics,
         codec=codec,
         bearer=jwt_verifier(settings.jwt),
+        state_available=lambda: not hub.state_unavailable,
     )
     _install_error_handlers(app, metrics, settings.limits)
     app.register_blueprint(

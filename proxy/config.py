@@ -213,6 +213,15 @@ class LimitsSettings(_Section):
     trusted_proxies: tuple[Network, ...] = ()
 
 
+class StateSettings(_Section):
+    """What a stream that asks for ``initialState=true`` is shown first (state.py)."""
+
+    # A session whose latest event ends it is forgotten this long after that event.
+    retention: Annotated[float, Field(ge=0, le=30 * 86_400)] = 3600.0
+    # Sessions held at most; past it the least recently updated one is forgotten.
+    max_entities: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
+
+
 class KeypairSettings(_Section):
     access_key: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")]
     secret_key: Annotated[SecretStr, Field(min_length=8)]
@@ -233,6 +242,7 @@ class Settings(_Section):
     session: SessionSettings = SessionSettings()
     jwt: JwtSettings = JwtSettings()
     limits: LimitsSettings = LimitsSettings()
+    state: StateSettings = StateSettings()
     keypairs: tuple[KeypairSettings, ...] = ()
 
     @model_validator(mode="after")
@@ -257,6 +267,7 @@ _SECTIONS: Final[dict[str, type[BaseModel]]] = {
     "session": SessionSettings,
     "jwt": JwtSettings,
     "limits": LimitsSettings,
+    "state": StateSettings,
 }
 
 

@@ -25,6 +25,7 @@ from .eventid import Cursor, format_id, id_prefix
 from .events import Event
 from .payloads import JSON_ENCODERS, Payload
 from .policy import Filters, IndexKey, Principal, index_key, visible
+from .state import State
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,10 @@ PING: Final = sse.encode_comment("ping")
 GAP_EVENT: Final = "stream_gap"
 OVERFLOW_EVENT: Final = "stream_overflow"
 SERVER_CLOSE_EVENT: Final = "server_close"
+STATE_BEGIN_EVENT: Final = "stream_state_begin"
+STATE_END_EVENT: Final = "stream_state_end"
+# Held back until the state is there: every event of the log (skip_until).
+_ALL: Final = 2**64
 _API_LABELS: Final = {payload: payload.name.lower() for payload in Payload}
 # Hub.publish keeps an event's frames in a list indexed by Payload, literally
 # [v4, None]: a third generation must widen it there.
@@ -64,6 +69,16 @@ class _Entry(NamedTuple):
     frame: bytes
 
 
+class StateWrite(NamedTuple):
+    """A state a stream is to write before anything else: the table as it was at
+    ``sequence`` of ``log_id`` (a copy of references: the live table moves on)."""
+
+    reason: str  # "initial" or "resync"
+    events: list[Event]
+    log_id: str
+    sequence: int
+
+
 class Outbox:
     """A client's bounded queue of encoded frames; the writer takes all at once.
 
@@ -79,6 +94,7 @@ class Outbox:
         "_frames",
         "_limit",
         "_lot",
+        "_woken",
         "busy",
         "closed",
         "last_activity",
@@ -94,6 +110,7 @@ class Outbox:
         self._frames: list[bytes] = []
         self._limit = limit
         self._lot = trio.lowlevel.ParkingLot()
+        self._woken = False
         self.closed = False
         self.reason = ""
         self.since = 0.0  # when the oldest queued frame arrived (time.monotonic)
@@ -158,6 +175,12 @@ class Outbox:
         self.busy = True
         self._lot.unpark_all()
 
+    def interrupt(self) -> None:
+        """Wake the client's task with nothing queued (a state to write): it owns the
+        socket until it idles again."""
+        self._woken = True
+        self.hand_over()
+
     def beat(self, frame: bytes) -> None:
         """Queue a heartbeat (not an event: ``taken_beats`` tells the writer)."""
         self._frames.append(frame)
@@ -178,8 +201,9 @@ class Outbox:
 
     async def take(self) -> list[bytes]:
         """Wait until there is something to write (or the outbox closed); take it all."""
-        while not self._frames and not self.closed:
+        while not self._frames and not self.closed and not self._woken:
             await self._lot.park()
+        self._woken = False
         return self.take_now()
 
     async def idle(self) -> None:
@@ -220,18 +244,27 @@ class Outbox:
 class Subscription:
     __slots__ = (
         "catchup",
+        "epoch",
         "filters",
+        "follows_state",
         "key",
         "outbox",
         "positions",
         "principal",
         "resume",
+        "resync_due",
         "skip_log",
         "skip_until",
+        "state_write",
     )
 
     def __init__(
-        self, principal: Principal, filters: Filters, outbox: Outbox, positions: bool = False
+        self,
+        principal: Principal,
+        filters: Filters,
+        outbox: Outbox,
+        positions: bool = False,
+        follows_state: bool = False,
     ) -> None:
         self.principal = principal
         self.filters = filters
@@ -247,6 +280,11 @@ class Subscription:
         # events up to it are ones the client already has.
         self.skip_log: str | None = None
         self.skip_until = 0
+        # initialState=true: a state instead of every gap (stream_state_begin ... end).
+        self.follows_state = follows_state
+        self.state_write: StateWrite | None = None  # to be written before anything else
+        self.resync_due: str | None = None  # a state is owed once the hub has one
+        self.epoch = 0  # +1 per state: what was taken from the outbox before is old news
 
 
 def encode(log_id: str, event: Event, payload: Payload = Payload.V4) -> bytes:
@@ -266,6 +304,22 @@ def gap_frame(reason: str, after: str | None, before: str | None) -> bytes:
     """The explicit notice that events between two positions may be missing."""
     data = json.dumps({"reason": reason, "after": after, "before": before}, separators=(",", ":"))
     return sse.encode_event(GAP_EVENT, data)
+
+
+def state_begin_frame(reason: str) -> bytes:
+    return sse.encode_event(STATE_BEGIN_EVENT, json.dumps({"reason": reason}))
+
+
+def state_end_frame(log_id: str, sequence: int, entities: int) -> bytes:
+    """The end of a state: its position (resume from here) and how many entities."""
+    return sse.encode_event(
+        STATE_END_EVENT, json.dumps({"entities": entities}), format_id(log_id, sequence)
+    )
+
+
+def new_state(retention: float = 3600.0, max_entities: int = 100_000) -> State[Event]:
+    """An empty state of ``Event`` values (the proxy's view; see state.py)."""
+    return State(retention=retention, max_entities=max_entities, stamp=attrgetter("timestamp"))
 
 
 class Hub:
@@ -306,6 +360,15 @@ class Hub:
         self._batching = 0
         # Called with each direct write's queueing delay (metrics' latency histogram).
         self.on_write: Callable[[float], None] | None = None
+        # Where every session stands (state.py): loaded from the upstream's snapshot
+        # (load_state), then kept current by publish. None until the first load.
+        self.state: State[Event] | None = None
+        # The upstream has no snapshot to give: initialState streams are refused.
+        self.state_unavailable = False
+        # Events went missing that the state does not hold: the bridge reloads it.
+        self.state_stale = False
+        self._followers: set[Subscription] = set()
+        self.state_writes = 0  # states handed to streams (initial and resync)
 
     # -- direct writes -----------------------------------------------------------
 
@@ -352,13 +415,22 @@ class Hub:
         after: Cursor | None = None,
         *,
         positions: bool = False,
+        state: bool = False,
     ) -> Iterator[Subscription]:
-        """Register a client for as long as the ``with`` block runs."""
-        sub = Subscription(principal, filters, Outbox(self._outbox_limit), positions)
+        """Register a client for as long as the ``with`` block runs.
+
+        ``state``: the stream follows state (initialState=true). Without ``after`` it
+        starts with the state; a resume that would be a gap becomes a resync.
+        """
+        sub = Subscription(principal, filters, Outbox(self._outbox_limit), positions, state)
         if self.heartbeat_interval:
             sub.outbox.last_activity -= self._jitter.random() * self.heartbeat_interval
         if after is not None:
             self._replay(sub, after)
+        elif state:
+            self._start_state(sub, "initial")
+        if state:
+            self._followers.add(sub)
         if self.closing:
             sub.outbox.close("shutdown", _server_close_frame())
         audience = (principal, filters)
@@ -385,6 +457,7 @@ class Hub:
                     del buckets[value]
             if sub.resume is not None:
                 self._pending.remove(sub)
+            self._followers.discard(sub)
             sub.outbox.discard()
 
     def _replay(self, sub: Subscription, after: Cursor) -> None:
@@ -426,6 +499,9 @@ class Hub:
                 before = (
                     format_id(oldest_entry.log_id, oldest_entry.sequence) if oldest_entry else None
                 )
+                if sub.follows_state:
+                    self._start_state(sub, "resync")
+                    return
                 frames.append(gap_frame("history-exhausted", str(after), before))
                 start = 0
         payload = sub.filters.payload
@@ -447,7 +523,9 @@ class Hub:
             if cursor is None or sub.outbox.closed:
                 continue
             if cursor.log_id != log_id:
-                if not sub.outbox.put(
+                if sub.follows_state:
+                    self._start_state(sub, "resync")
+                elif not sub.outbox.put(
                     gap_frame("upstream-restarted", str(cursor), format_id(log_id, first.sequence))
                 ):
                     self._drop_slow(sub)
@@ -475,7 +553,13 @@ class Hub:
         delivered = 0
         keep = self._history.append if self._history_size else None
         prefix = id_prefix(log_id)
+        state = self.state
+        if state is not None and state.log_id != log_id and events:
+            state = None
+            self.state_stale = True  # a log the state is not of: the bridge reloads
         for event in events:
+            if state is not None and event.sequence > state.sequence:
+                state.apply(event)
             # The history's (and v4's) frame; other generations' on first use.
             frame = _encode(prefix, event)
             frames: list[bytes | None] = [frame, None]
@@ -508,17 +592,89 @@ class Hub:
         if not self._batching:
             self.flush()
 
-    def publish_gap(self, reason: str, after: str | None, before: str | None) -> None:
-        """Tell every client that events between two positions may be missing."""
+    def publish_gap(
+        self,
+        reason: str,
+        after: str | None,
+        before: str | None,
+        resume: Cursor | None = None,
+    ) -> None:
+        """Tell every client that events between two positions may be missing.
+
+        ``resume``: where the log goes on after the gap (None: unknown). Streams that
+        follow state get a resync instead, unless their state already covers it; when
+        not even the hub's state does, they wait for the bridge to reload it.
+        """
         frame = gap_frame(reason, after, before)
         log.warning("stream gap (%s): after %s, before %s", reason, after, before)
         if self._history_size:
             self._history.append(_Entry(self.log_id or "", self.last_sequence, None, frame))
+        state = self.state
+        if state is not None and not _covers(state.log_id, state.sequence, resume):
+            self.state_stale = True
         for sub in self._subscriptions():
-            if not sub.outbox.put(frame):
+            if sub.follows_state:
+                if not _covers(sub.skip_log, sub.skip_until, resume):
+                    self._start_state(sub, "resync")
+            elif not sub.outbox.put(frame):
                 self._drop_slow(sub)
         if not self._batching:
             self.flush()
+
+    # -- state -------------------------------------------------------------------
+
+    def load_state(self, state: State[Event]) -> None:
+        """A state read from the upstream (a snapshot, folded): it replaces the hub's.
+
+        It may be ahead of what the hub has published: events up to its position are
+        then published to streams but not folded again. Streams owed a state get it
+        now; every stream that follows state gets a resync if the log changed.
+        """
+        old = self.state
+        self.state = state
+        self.state_unavailable = False
+        self.state_stale = False
+        changed = old is not None and old.log_id != state.log_id
+        for sub in list(self._followers):
+            if sub.resync_due is not None:
+                self._start_state(sub, sub.resync_due)
+            elif changed:
+                self._start_state(sub, "resync")
+        if not self._batching:
+            self.flush()
+
+    def no_state(self) -> None:
+        """The upstream cannot give a snapshot: streams waiting for one are closed."""
+        self.state_unavailable = True
+        for sub in list(self._followers):
+            if sub.resync_due is not None:
+                sub.outbox.close("state-unavailable", _server_close_frame("state-unavailable"))
+
+    def resync(self, sub: Subscription) -> None:
+        """Give a stream a fresh state instead of a gap (a failed catch-up)."""
+        self._start_state(sub, "resync")
+
+    def _start_state(self, sub: Subscription, reason: str) -> None:
+        """Hand a stream the state, atomically with what it receives next.
+
+        What it has queued is older than the state and goes; events up to the state's
+        position are skipped when published (the state may be ahead of the hub), so
+        the live events after it come from exactly that position.
+        """
+        sub.outbox.discard()
+        sub.catchup = None
+        sub.epoch += 1
+        state = self.state
+        if state is None or state.log_id is None or self.state_stale:
+            # Owed once the bridge (re)loads the state; until then nothing goes out.
+            sub.resync_due, sub.state_write = reason, None
+            sub.skip_log, sub.skip_until = self.log_id or "", _ALL
+            return
+        sub.resync_due = None
+        sub.state_write = StateWrite(reason, state.events(), state.log_id, state.sequence)
+        sub.skip_log, sub.skip_until = state.log_id, state.sequence
+        self.state_writes += 1
+        sub.outbox.interrupt()
 
     def _subscriptions(self) -> Iterator[Subscription]:
         for buckets in self._index.values():
@@ -536,6 +692,7 @@ class Hub:
             sub.catchup is None
             and sub.resume is None
             and sub.skip_log is None
+            and sub.state_write is None
             and not len(sub.outbox)
         )
 
@@ -592,6 +749,11 @@ class Hub:
         self.closing = True
         for sub in self._subscriptions():
             sub.outbox.close("shutdown", _server_close_frame())
+
+
+def _covers(log_id: str | None, sequence: int, resume: Cursor | None) -> bool:
+    """Does a state at (log_id, sequence) hold everything before ``resume``?"""
+    return resume is not None and resume.log_id == log_id and resume.sequence <= sequence + 1
 
 
 def _server_close_frame(reason: str = "server-shutdown") -> bytes:

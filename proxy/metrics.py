@@ -111,6 +111,21 @@ class _Collector(Collector):
             opened.add_metric([api], hub.streams_opened.get(api, 0))
         yield by_api
         yield opened
+        state = hub.state
+        yield GaugeMetricFamily(
+            "kep_state_sessions",
+            "Sessions held in the state (initialState=true), their kernels with them.",
+            value=len(state) if state is not None else 0,
+        )
+        yield CounterMetricFamily(
+            "kep_state_evicted_sessions",
+            "Sessions forgotten because state.max_entities was reached.",
+            value=state.evicted if state is not None else 0,
+        )
+        yield CounterMetricFamily(
+            "kep_state_writes", "States written to streams (initial and resync).",
+            value=hub.state_writes,
+        )  # fmt: skip
         yield CounterMetricFamily(
             "kep_upstream_events",
             "Events received from the upstream (malformed ones included).",

@@ -77,11 +77,26 @@ def _stream_path(
                 "notices: `stream_gap` (StreamGap data, no id), `stream_overflow`, "
                 "`server_close`. `: ping` comments keep the stream open. Clients "
                 "sending `Accept: text/event-stream` also get id-only blocks that "
-                "move their Last-Event-ID without an event."
+                "move their Last-Event-ID without an event. With `initialState=true` the "
+                "stream starts with `stream_state_begin` (StateBegin data, no id), then the "
+                "latest event per visible entity exactly as it was delivered live but "
+                "without an `id:` line, then `stream_state_end` (StateEnd data) whose `id:` "
+                "is the position the state reflects; live events follow from exactly "
+                "there. Such a stream never gets `stream_gap`: it gets a fresh "
+                "`stream_state_begin` (reason `resync`) ... `stream_state_end` instead."
             ),
             "parameters": [
                 *filters,
                 _query("lastEventId", "Resume after this id (first connection)."),
+                {
+                    "name": "initialState",
+                    "in": "query",
+                    "required": False,
+                    "description": "`true`: the current state first (latest event per "
+                    "entity the caller may see), then changes; resyncs instead of gaps. "
+                    "`false` (default): changes only.",
+                    "schema": {"enum": ["true", "false"]},
+                },
                 {
                     "name": "Last-Event-ID",
                     "in": "header",
@@ -101,6 +116,8 @@ def _stream_path(
                             "schema": {"type": "string"},
                             "x-event-data": {"$ref": f"#/components/schemas/{data_schema}"},
                             "x-gap-data": {"$ref": "#/components/schemas/StreamGap"},
+                            "x-state-begin-data": {"$ref": "#/components/schemas/StateBegin"},
+                            "x-state-end-data": {"$ref": "#/components/schemas/StateEnd"},
                         }
                     },
                 },
@@ -293,6 +310,18 @@ DOCUMENT: dict[str, Any] = {
             },
             "EventData": EVENT_DATA_SCHEMA,
             "EventDataV5": EVENT_DATA_V5_SCHEMA,
+            "StateBegin": {
+                "type": "object",
+                "required": ["reason"],
+                "properties": {"reason": {"enum": ["initial", "resync"]}},
+                "additionalProperties": False,
+            },
+            "StateEnd": {
+                "type": "object",
+                "required": ["entities"],
+                "properties": {"entities": {"type": "integer", "minimum": 0}},
+                "additionalProperties": False,
+            },
             "StreamGap": {
                 "type": "object",
                 "required": ["reason", "after", "before"],
@@ -484,7 +513,10 @@ for _path in ("/stream/kernel/_/events", "/events/session"):
                 "This access key already holds `limits.max_streams_per_key` streams "
                 "(`too-many-streams`, counted over every path)"
             ),
-            "503": _limited("The server holds `limits.max_streams` streams (`server-busy`)"),
+            "503": _limited(
+                "The server holds `limits.max_streams` streams (`server-busy`), or "
+                "initialState=true and the upstream offers no snapshot (`state-unavailable`)"
+            ),
         }
     )
 DOCUMENT["paths"]["/server/login"]["post"]["responses"].update(

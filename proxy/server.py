@@ -195,7 +195,7 @@ async def run_proxy(
     settings: Settings, *, task_status: trio.TaskStatus[RunningProxy] = trio.TASK_STATUS_IGNORED
 ) -> None:
     hub = Hub(history_size=settings.server.history_size, outbox_limit=settings.server.outbox_limit)
-    bridge = UpstreamBridge(settings.upstream, hub)
+    bridge = UpstreamBridge(settings.upstream, hub, state=settings.state)
     metrics = Metrics(hub, bridge)
     keys = KeyStore(settings.keypair_index())
     app = create_app(settings, hub, bridge, metrics, keys)

@@ -69,6 +69,15 @@ def encode_json_event_numbered(name: str, data: bytes, id_prefix: str, number: i
     return b"id: %s%d\n%sdata: %s\n\n" % (prefix, number, line, data)
 
 
+def encode_json_event_without_id(name: str, data: bytes) -> bytes:
+    """``encode_event(name, data)`` for one line of UTF-8 JSON, with no ``id:`` line
+    (a state's events: they move no client's position). Names cached as above."""
+    line = _EVENT_LINES.get(name)
+    if line is None or 10 in data or 13 in data:
+        return encode_event(name, data.decode("utf-8"))
+    return b"%sdata: %s\n\n" % (line, data)
+
+
 # Id prefixes that passed the checks (a prefix of a checked id), encoded: one per
 # upstream log, so a handful; bounded all the same.
 _ID_PREFIXES: Final[dict[str, bytes]] = {}

@@ -29,9 +29,19 @@ import trio
 
 from . import direct, sse
 from .eventid import Cursor
-from .hub import Hub, Subscription, encode, gap_frame
+from .hub import (
+    Hub,
+    StateWrite,
+    Subscription,
+    encode,
+    gap_frame,
+    state_begin_frame,
+    state_end_frame,
+)
 from .metrics import Metrics
+from .payloads import JSON_ENCODERS
 from .policy import Filters, Principal, visible
+from .state import EntityKey, select
 from .upstream import Fetched
 
 log = logging.getLogger(__name__)
@@ -40,6 +50,11 @@ log = logging.getLogger(__name__)
 Fetch = Callable[[str, int, int], Awaitable[Fetched]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[Mapping[str, Any]]]
+Write = Callable[[bytes], Awaitable[None]]
+
+# Table events looked at, or state events encoded, between two checkpoints: a few
+# milliseconds of work, so no state write holds the event loop for long.
+STATE_SLICE = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +67,7 @@ class StreamPlan:
     positions: bool  # id-only position blocks (text/event-stream clients)
     peer: str | None
     api: str = "v4"  # the API generation (generations.Generation.name), for logs
+    initial_state: bool = False  # initialState=true: the state first, resyncs for gaps
 
 
 @dataclass(frozen=True)
@@ -67,11 +83,17 @@ class StreamWriter:
         hub = self.hub
         started = time.monotonic()
         with hub.subscribe(
-            plan.principal, plan.filters, plan.cursor, positions=plan.positions
+            plan.principal,
+            plan.filters,
+            plan.cursor,
+            positions=plan.positions,
+            state=plan.initial_state,
         ) as sub:
             # Taken with the subscription, atomically: everything up to here is not
-            # this client's to receive, so a reconnect from here loses nothing.
-            start = hub.position() if plan.positions and plan.cursor is None else None
+            # this client's to receive, so a reconnect from here loses nothing. (A
+            # state's end carries its position instead.)
+            fresh = plan.positions and plan.cursor is None and not plan.initial_state
+            start = hub.position() if fresh else None
             first = sse.encode_position(start) if start is not None else None
             fields = _log_fields(plan)
             log.info(
@@ -148,13 +170,20 @@ class StreamWriter:
         while True:
             # Heartbeats arrive through the outbox too (Hub.run_heartbeats).
             since = outbox.since
-            frames = [] if sub.catchup is not None else await outbox.take()
-            # A catch-up (set at subscribe time, or by the first publish after it)
-            # comes before anything queued: those events are older.
-            while sub.catchup is not None:
+            owed = sub.catchup is not None or sub.state_write is not None
+            frames = [] if owed else await outbox.take()
+            epoch = sub.epoch
+            # A state or a catch-up (set at subscribe time, or by a publish since)
+            # comes before anything queued: those events are newer.
+            while sub.catchup is not None or sub.state_write is not None:
+                if sub.state_write is not None:
+                    await self._write_state(sub, sub.state_write, write)
+                    continue
                 chunk = await self._catch_up(sub)
                 if chunk:
                     await write(chunk)
+            if sub.epoch != epoch:
+                frames = []  # taken before a state that holds them
             if frames:
                 self.metrics.delivery_latency.observe(time.monotonic() - since)
                 # Coalesce: everything queued goes out in one write.
@@ -172,14 +201,21 @@ class StreamWriter:
         self.hub.attach_sink(sub, sink)  # busy: the hub queues for this task until idle
         if first is not None:
             await sink.write(direct.chunk(first))
+
+        async def write(data: bytes) -> None:
+            await sink.write(direct.chunk(data))
+
         while True:
+            if outbox.stalled:  # the rest of a frame: before anything else
+                stalled, outbox.stalled = outbox.stalled, b""
+                await sink.write(stalled)
+            if sub.state_write is not None:
+                await self._write_state(sub, sub.state_write, write)
+                continue
             while sub.catchup is not None:
                 chunk = await self._catch_up(sub)
                 if chunk:
                     await sink.write(direct.chunk(chunk))
-            if outbox.stalled:
-                stalled, outbox.stalled = outbox.stalled, b""
-                await sink.write(stalled)
             if len(outbox):
                 since = outbox.since
                 frames = outbox.take_now()
@@ -190,10 +226,46 @@ class StreamWriter:
                 return
             await outbox.idle()
 
+    async def _write_state(self, sub: Subscription, plan: StateWrite, write: Write) -> None:
+        """Write a state: begin, the latest visible event per entity, end (with its
+        position). In slices, with checkpoints between them: live events queue
+        meanwhile, and a newer state (a resync) ends this one where it is."""
+        principal, filters = sub.principal, sub.filters
+        chosen: dict[EntityKey, Any] = {}
+        table = plan.events
+
+        def superseded() -> bool:
+            if sub.outbox.closed and sub.state_write is plan:
+                sub.state_write = None  # the stream is ending: the rest is moot
+            return sub.state_write is not plan
+
+        for start in range(0, len(table), STATE_SLICE):
+            select(table[start : start + STATE_SLICE], principal, filters, chosen)
+            await trio.lowlevel.checkpoint()
+            if superseded():
+                return
+        encoder = JSON_ENCODERS[filters.payload]
+        frames = [state_begin_frame(plan.reason)]
+        for event in chosen.values():
+            frames.append(sse.encode_json_event_without_id(event.name, encoder(event)))
+            if len(frames) >= STATE_SLICE:
+                await write(b"".join(frames))
+                frames = []
+                if superseded():
+                    return
+        frames.append(state_end_frame(plan.log_id, plan.sequence, len(chosen)))
+        await write(b"".join(frames))
+        if sub.state_write is plan:
+            sub.state_write = None
+        sub.outbox.sent += len(chosen)
+
     async def _catch_up(self, sub: Subscription) -> bytes:
         assert sub.catchup is not None
         cursor, until = sub.catchup
         fetched = await self.fetch(cursor.log_id, cursor.sequence, until)
+        if fetched.gap is not None and sub.follows_state and sub.catchup == (cursor, until):
+            self.hub.resync(sub)  # a state instead of the gap
+            return b""
         out: list[bytes] = []
         if fetched.gap is not None:
             out.append(gap_frame(fetched.gap.reason, fetched.gap.after, fetched.gap.before))
@@ -228,5 +300,6 @@ def _log_fields(plan: StreamPlan) -> dict[str, Any]:
             "scope": filters.prefix,
         },
         "resume": str(plan.cursor) if plan.cursor else None,
+        "initial_state": plan.initial_state,
         "peer": plan.peer,
     }

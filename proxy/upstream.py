@@ -6,6 +6,10 @@ batches: it appends to a deque and schedules one wake-up per burst with
 called from a sibling task's ``finally``, so no thread outlives the bridge.
 On any failure the bridge reconnects with exponential backoff and full jitter and
 resumes after the last sequence it saw; clients stay connected meanwhile.
+
+Every connection starts with the upstream's ``Snapshot`` (where every session stands,
+at a log position), read and folded in a worker thread and handed to the hub whole;
+the first subscription then starts from exactly that position (list, then watch).
 """
 
 from __future__ import annotations
@@ -26,14 +30,16 @@ from google.protobuf.message import DecodeError
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from ._pb.kernel_events.v1 import events_pb2 as pb
-from .config import UpstreamSettings
-from .eventid import format_id, valid_log_id
+from .config import StateSettings, UpstreamSettings
+from .eventid import Cursor, format_id, valid_log_id
 from .events import MAX_EVENT_BYTES, Event, MalformedEvent, from_proto
-from .hub import Hub
+from .hub import Hub, new_state
+from .state import State
 
 log = logging.getLogger(__name__)
 
 SUBSCRIBE_METHOD: Final = "/kernel_events.v1.KernelEventsService/Subscribe"
+SNAPSHOT_METHOD: Final = "/kernel_events.v1.KernelEventsService/Snapshot"
 _LOG_ID_FIELD, _EVENTS_FIELD, _OLDEST_FIELD, _HEAD_FIELD = (
     pb.SubscribeResponse.DESCRIPTOR.fields_by_name[name].number
     for name in ("log_id", "events", "oldest_sequence", "head_sequence")
@@ -174,8 +180,10 @@ class UpstreamBridge:
         *,
         rng: random.Random | None = None,
         channel_factory: Callable[[str], grpc.Channel] | None = None,
+        state: StateSettings | None = None,
     ) -> None:
         self._settings = settings
+        self._state_settings = state or StateSettings()
         self._hub = hub
         self._rng = rng or random.Random()
         self._channel_factory = channel_factory or self._default_channel
@@ -188,6 +196,8 @@ class UpstreamBridge:
         self.connects = 0
         self.received = 0
         self.malformed = 0
+        self.snapshots = 0  # snapshots loaded
+        self._no_snapshot_logged = False
 
     def _default_channel(self, target: str) -> grpc.Channel:
         s = self._settings
@@ -263,17 +273,21 @@ class UpstreamBridge:
         after = format_id(seq.log_id, seq.last)
         seq.last += 1
         self.malformed += 1
-        self._hub.publish_gap("upstream-oversized", after, format_id(seq.log_id, seq.last + 1))
+        resume = Cursor(seq.log_id, seq.last + 1)
+        self._hub.publish_gap(
+            "upstream-oversized", after, format_id(seq.log_id, seq.last + 1), resume
+        )
         return True
 
     async def _stream_once(self) -> None:
         channel = self._channel_factory(self._settings.target)
+        self.connects += 1
         try:
+            await self._load_state(channel)
             request = pb.SubscribeRequest(
                 after_sequence=self.sequencer.last, log_id=self.sequencer.log_id or ""
             )
             call = self._subscribe(channel)(request)
-            self.connects += 1
             pump = _Pump(trio.lowlevel.current_trio_token())
             error: grpc.RpcError | None = None
             self._attached = False
@@ -318,6 +332,75 @@ class UpstreamBridge:
             channel.close()
         return _fetched(log_id, after, until, responses, lost)
 
+    async def _load_state(self, channel: grpc.Channel) -> None:
+        """Read the upstream's snapshot and give the hub the state it folds into.
+
+        Decoding and folding happen in a worker thread, into a state of its own: the
+        Trio thread only swaps it in. An upstream without ``Snapshot`` (UNIMPLEMENTED)
+        is served as before, without state; any other failure fails this connection.
+        """
+        call = channel.unary_stream(
+            SNAPSHOT_METHOD,
+            request_serializer=pb.SnapshotRequest.SerializeToString,
+            response_deserializer=pb.SnapshotResponse.FromString,
+        )(
+            pb.SnapshotRequest(max_event_bytes=MAX_EVENT_BYTES),
+            timeout=self._settings.connect_timeout + 60,
+        )
+        error: grpc.RpcError | None = None
+        state: State[Event] | None = None
+        started = threading.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_exit, call, None)
+            nursery.start_soon(self._snapshot_watchdog, call, started)
+            try:
+                state = await trio.to_thread.run_sync(
+                    _read_snapshot,
+                    call,
+                    self._state_settings,
+                    started,
+                    limiter=self._fetch_limiter,
+                )
+            except grpc.RpcError as exc:
+                error = exc
+            nursery.cancel_scope.cancel()
+        if error is not None:
+            if isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                if not self._no_snapshot_logged:
+                    self._no_snapshot_logged = True
+                    log.warning(
+                        "upstream %s has no Snapshot: initialState streams are refused",
+                        self._settings.target,
+                    )
+                self._hub.no_state()
+                return
+            raise error
+        if state is None or state.log_id is None:
+            return
+        if self.sequencer.log_id is None:
+            # The first attach: live from exactly the position the state reflects.
+            self.sequencer.attach(state.log_id, state.sequence)
+        self.snapshots += 1
+        self._hub.load_state(state)
+
+    async def _snapshot_watchdog(self, call: grpc.Call, started: threading.Event) -> None:
+        # As for subscriptions (_attach_watchdog): a peer that never answers is dropped.
+        await trio.sleep(self._settings.connect_timeout)
+        if not started.is_set():
+            log.warning("upstream %s: no snapshot within %.1fs", self._settings.target,
+                        self._settings.connect_timeout)  # fmt: skip
+            call.cancel()  # type: ignore[no-untyped-call]
+
+    async def _reload_state(self) -> None:
+        """Events went missing that the hub's state does not hold: read it again."""
+        channel = self._channel_factory(self._settings.target)
+        try:
+            await self._load_state(channel)
+        except grpc.RpcError as exc:
+            log.warning("state reload from %s failed: %s", self._settings.target, _details(exc))
+        finally:
+            channel.close()
+
     async def _attach_watchdog(self, call: grpc.Call) -> None:
         # The upstream answers a subscription at once (its first response names the
         # log). A peer that accepts the connection but never answers would otherwise
@@ -349,6 +432,8 @@ class UpstreamBridge:
                     # Let client writers drain before publishing more, so a burst that
                     # piled up in the pump is not mistaken for a client being slow.
                     await trio.lowlevel.checkpoint()
+            if hub.state_stale and not hub.state_unavailable:
+                await self._reload_state()
 
     def _apply_all(self, responses: list[pb.SubscribeResponse]) -> None:
         with self._hub.batch():
@@ -377,10 +462,39 @@ class UpstreamBridge:
         for index, gap in gaps:
             if index > start:
                 self._hub.publish(log_id, events[start:index])
-            self._hub.publish_gap(gap.reason, gap.after, gap.before)
+            # Where the log goes on: the next event, or (none yet) its start.
+            resume = Cursor(log_id, events[index].sequence if index < len(events) else 1)
+            self._hub.publish_gap(gap.reason, gap.after, gap.before, resume)
             start = index
         if start < len(events):
             self._hub.publish(log_id, events[start:])
+
+
+def _read_snapshot(
+    call: grpc.Call, settings: StateSettings, started: threading.Event
+) -> State[Event] | None:
+    """Worker thread: read a whole snapshot and fold it into a new state."""
+    state = new_state(settings.retention, settings.max_entities)
+    position: int | None = None
+    try:
+        for response in call:  # type: ignore[attr-defined]
+            started.set()
+            if position is None:
+                position = response.sequence
+                state.reset(_safe_log_id(response.log_id), position)
+            for msg in response.events:
+                try:
+                    state.apply(from_proto(msg))
+                except MalformedEvent as exc:
+                    log.warning("skipping malformed snapshot event: %s", exc)
+            if response.last:
+                break
+    finally:
+        call.cancel()  # type: ignore[no-untyped-call]
+    if position is None:
+        return None
+    state.sequence = position  # the snapshot's position, whatever its last event
+    return state
 
 
 def _collect(

@@ -1,6 +1,8 @@
 """The upstream that ships with the project: a real gRPC server over an event log.
 
-It serves ``KernelEventsService.Subscribe`` from a bounded, thread-safe log. What fills
+It serves ``KernelEventsService.Subscribe`` from a bounded, thread-safe log, and
+``Snapshot`` from the state table (state.py) the log folds each event into as it is
+appended, so trimming the log never loses where a session stands. What fills
 the log is up to the caller: the simulator, a replay file, or a test appending events.
 The same server runs standalone (``kernel-events-proxy upstream``), in-process for
 ``serve --demo``, and in the tests.
@@ -19,6 +21,7 @@ import grpc
 
 from ._pb.kernel_events.v1 import events_pb2 as pb
 from ._pb.kernel_events.v1 import events_pb2_grpc as pb_grpc
+from .state import State
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,14 @@ class EventLog:
     costs O(distance from its ends): 3 µs an event for a reader 150,000 events behind.)
     """
 
-    def __init__(self, capacity: int = 100_000, log_id: str | None = None) -> None:
+    def __init__(
+        self,
+        capacity: int = 100_000,
+        log_id: str | None = None,
+        *,
+        retention: float = 3600.0,
+        max_entities: int = 1_000_000,
+    ) -> None:
         self.log_id = log_id or uuid.uuid4().hex
         self._capacity = max(capacity, 0)
         self._events: list[pb.LifecycleEvent] = []
@@ -45,6 +55,11 @@ class EventLog:
         self._cond = threading.Condition()
         self._head = 0
         self._closed = False
+        # Where every session stands, at the head: kept as events are appended.
+        self.state: State[pb.LifecycleEvent] = State(
+            retention=retention, max_entities=max_entities, stamp=_stamp
+        )
+        self.state.reset(self.log_id, 0)
 
     @property
     def head(self) -> int:
@@ -68,6 +83,7 @@ class EventLog:
                     event.timestamp.FromNanoseconds(int(now * 1e9))
                 kept.append(event)
                 self._head = event.sequence
+                self.state.apply(event)
             self._start = max(self._start, len(kept) - self._capacity)
             if self._start and self._start >= self._capacity:  # amortised: O(1) an event
                 del kept[: self._start]
@@ -76,12 +92,19 @@ class EventLog:
             return self._head
 
     def forget(self) -> int:
-        """Drop every retained event (sequences go on from the head); return how many."""
+        """Drop every retained event (sequences go on from the head); return how many.
+
+        The state stays: it is what a snapshot serves when the events are gone."""
         with self._cond:
             dropped = len(self._events) - self._start
             self._events.clear()
             self._start = 0
             return dropped
+
+    def snapshot(self) -> tuple[int, list[pb.LifecycleEvent]]:
+        """The head and the state's events at it, read atomically with appends."""
+        with self._cond:
+            return self._head, list(self.state.snapshot())
 
     def oldest(self) -> int:
         with self._cond:
@@ -149,7 +172,8 @@ class KernelEventsServicer(pb_grpc.KernelEventsServiceServicer):
             # The cursor belongs to an earlier incarnation of this log: everything we
             # still hold is news to this subscriber.
             position = event_log.oldest() - 1
-        elif request.after_sequence:
+        elif request.after_sequence or request.log_id:
+            # A cursor in this log (0 included: the position of its empty snapshot).
             position = request.after_sequence
         else:
             position = event_log.head
@@ -161,6 +185,19 @@ class KernelEventsServicer(pb_grpc.KernelEventsServiceServicer):
         finally:
             with self._lock:
                 self.active -= 1
+
+    def Snapshot(
+        self, request: pb.SnapshotRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.SnapshotResponse]:
+        event_log = self._log
+        head, events = event_log.snapshot()
+        if request.max_event_bytes:
+            events = [e for e in events if e.ByteSize() <= request.max_event_bytes]
+        chunks = list(_by_size(events)) or [[]]
+        for i, chunk in enumerate(chunks):
+            yield pb.SnapshotResponse(
+                log_id=event_log.log_id, sequence=head, events=chunk, last=i == len(chunks) - 1
+            )
 
     def _stream(
         self, event_log: EventLog, position: int, context: grpc.ServicerContext
@@ -180,6 +217,11 @@ class KernelEventsServicer(pb_grpc.KernelEventsServiceServicer):
                     oldest_sequence=oldest,
                     head_sequence=head,
                 )
+
+
+def _stamp(event: pb.LifecycleEvent) -> float:
+    ts = event.timestamp
+    return ts.seconds + ts.nanos / 1e9
 
 
 def _by_size(events: list[pb.LifecycleEvent]) -> Iterator[list[pb.LifecycleEvent]]:

@@ -539,3 +539,22 @@ def test_session_mode_names_how_browser_sign_in_works() -> None:
     assert session_mode(SessionSettings(secret_key=key)) == "configured"
     assert session_mode(SessionSettings(enabled=False, secret_key=key)) == "off"
     assert set(SESSION_MODE_TEXT) == {"generated", "configured", "off"}
+
+
+def test_state_section_defaults_and_values() -> None:
+    assert (Settings().state.retention, Settings().state.max_entities) == (3600.0, 100_000)
+    state = settings_from_mapping({"state": {"retention": 0, "max_entities": 5}}).state
+    assert (state.retention, state.max_entities) == (0.0, 5)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"retention": -1}, "state.retention"),
+        ({"max_entities": 0}, "state.max_entities"),
+        ({"max_entites": 5}, "state.max_entites: unknown key"),
+    ],
+)
+def test_bad_state_settings_name_the_key(data: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        settings_from_mapping({"state": data})

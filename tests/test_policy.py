@@ -40,28 +40,38 @@ principals = st.builds(
 )
 UUIDS = [str(uuid.UUID(int=i)) for i in (1, 2, 3)]
 NAMES = ["kernel_started", "kernel_terminated", "session_started", "session_failure", "x_new"]
+# Filters' fields, drawn: v4's three, then v5's two more.
+V4_FILTER_FIELDS: dict[str, st.SearchStrategy[Any]] = {
+    "session": st.none() | st.sampled_from(SESSIONS),
+    "owner": st.none() | st.sampled_from(KEYS),
+    "group": st.none() | st.sampled_from(GROUPS),
+}
+V5_FILTER_FIELDS: dict[str, st.SearchStrategy[Any]] = V4_FILTER_FIELDS | {
+    "session_uuid": st.none() | st.sampled_from(UUIDS),
+    "prefix": st.sampled_from([None, "session_", "kernel_"]),
+}
 filters = st.builds(
     Filters,
-    session=st.none() | st.sampled_from(SESSIONS),
-    owner=st.none() | st.sampled_from(KEYS),
-    group=st.none() | st.sampled_from(GROUPS),
-    session_uuid=st.none() | st.sampled_from(UUIDS),
-    prefix=st.sampled_from([None, "session_", "kernel_"]),
+    **V5_FILTER_FIELDS,
     main_only=st.booleans(),
     payload=st.sampled_from(list(Payload)),
 )
+# An event's session, owner, tenancy and cluster role, drawn from small alphabets.
+SESSION_FIELDS: dict[str, st.SearchStrategy[Any]] = {
+    "session_id": st.sampled_from(SESSIONS),
+    "owner_access_key": st.sampled_from(KEYS),
+    "user_id": st.sampled_from(USERS),
+    "domain_name": st.sampled_from(DOMAINS),
+    "group_name": st.sampled_from(GROUPS),
+    "session_uuid": st.sampled_from(["", *UUIDS]),
+    "cluster_role": st.sampled_from(["", "main", "sub"]),
+}
 events = st.builds(
     Event,
     sequence=st.integers(1, 10**6),
     name=st.sampled_from(NAMES),
-    session_id=st.sampled_from(SESSIONS),
     kernel_id=st.just("k"),
-    owner_access_key=st.sampled_from(KEYS),
-    user_id=st.sampled_from(USERS),
-    domain_name=st.sampled_from(DOMAINS),
-    group_name=st.sampled_from(GROUPS),
-    session_uuid=st.sampled_from(["", *UUIDS]),
-    cluster_role=st.sampled_from(["", "main", "sub"]),
+    **SESSION_FIELDS,
     cluster_idx=st.integers(0, 3),
 )
 

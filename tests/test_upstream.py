@@ -29,7 +29,7 @@ from proxy.upstream import (
 )
 from proxy.upstream_server import EventLog, UpstreamServer
 
-from .helpers import USER1, lifecycle, wait_until
+from .helpers import USER1, USER2, lifecycle, wait_until
 
 SUPER = Principal("AKS", Role.SUPERADMIN, "s", "default")
 
@@ -513,3 +513,53 @@ def test_forget_drops_what_is_retained_and_sequences_go_on() -> None:
     assert log.read_after(0, 100, 0)[0] == []
     log.append([lifecycle("kernel_started", "s", USER1)])
     assert [e.sequence for e in log.read_after(0, 100, 0)[0]] == [16]
+
+
+def _snapshot(target: str) -> list[pb.SnapshotResponse]:
+    channel = grpc.insecure_channel(target)
+    try:
+        stub = pb_grpc.KernelEventsServiceStub(channel)
+        return list(stub.Snapshot(pb.SnapshotRequest(), timeout=10))
+    finally:
+        channel.close()
+
+
+def test_snapshot_serves_the_state_at_the_head_even_after_the_log_is_trimmed() -> None:
+    log = EventLog(capacity=3)
+    server = UpstreamServer(log, "127.0.0.1:0")
+    server.start()
+    try:
+        log.append(
+            [
+                lifecycle("session_started", "a", USER1),
+                lifecycle("session_started", "b", USER2),
+                lifecycle("kernel_started", "a", USER1, kernel_id="k1"),
+                lifecycle("session_terminating", "a", USER1),
+                lifecycle("session_started", "c", USER1),
+            ]
+        )
+        log.forget()
+        chunks = _snapshot(server.target)
+        assert [c.last for c in chunks] == [True]
+        assert {(c.log_id, c.sequence) for c in chunks} == {(log.log_id, 5)}
+        held = [(e.sequence, e.session_id, e.name) for c in chunks for e in c.events]
+        # Latest per session slot, in log order, each event once.
+        assert held == [(2, "b", "session_started"), (3, "a", "kernel_started"),
+                        (4, "a", "session_terminating"), (5, "c", "session_started")]  # fmt: skip
+    finally:
+        server.stop(0)
+
+
+def test_a_big_snapshot_comes_in_chunks_that_name_one_position() -> None:
+    log = EventLog()
+    log.append(lifecycle("session_started", f"s{i}", USER1, reason="x" * 500) for i in range(5000))
+    server = UpstreamServer(log, "127.0.0.1:0")
+    server.start()
+    try:
+        chunks = _snapshot(server.target)
+        assert len(chunks) > 1
+        assert [c.last for c in chunks] == [False] * (len(chunks) - 1) + [True]
+        assert {c.sequence for c in chunks} == {5000}
+        assert sum(len(c.events) for c in chunks) == 5000
+    finally:
+        server.stop(0)

@@ -32,6 +32,7 @@ from proxy.upstream_server import UpstreamServer
 from ..conftest import ProxyUnderTest, make_settings
 from ..helpers import EVENTS_PATH, Key, SSEReader, query, signed_headers, wait_until
 from ..test_policy import reference_visible
+from ..test_state import client_key, reference_map, rendered
 
 DOMAINS = ["default", "research", "ops"]
 GROUPS = ["g1", "g2", "g3"]
@@ -185,6 +186,14 @@ async def isolation_proxy(nursery: trio.Nursery, target: str) -> AsyncIterator[P
     running.shutdown()
 
 
+@asynccontextmanager
+async def client_stream(proxy: ProxyUnderTest, client: Client) -> AsyncIterator[SSEReader]:
+    url = f"{proxy.url}{client.path}{query(**client.params)}"
+    async with proxy.client.stream("GET", url, headers=signed_headers(url, client.key)) as response:
+        assert response.status_code == 200, await response.aread()
+        yield SSEReader(response)
+
+
 @pytest.mark.parametrize("seed", [7, 2024])
 async def test_every_client_gets_exactly_what_the_reference_policy_allows(
     upstream: UpstreamServer, nursery: trio.Nursery, seed: int
@@ -220,13 +229,8 @@ async def test_every_client_gets_exactly_what_the_reference_policy_allows(
         assert all(expected), "every client has at least its sentinel"
 
         async def read(client: Client, last: int, task_status: trio.TaskStatus[None]) -> None:
-            url = f"{proxy.url}{client.path}{query(**client.params)}"
-            async with proxy.client.stream(
-                "GET", url, headers=signed_headers(url, client.key)
-            ) as response:
-                assert response.status_code == 200, await response.aread()
+            async with client_stream(proxy, client) as reader:
                 task_status.started()
-                reader = SSEReader(response)
                 while not client.got or client.got[-1] < last:
                     frame = await reader.next()
                     assert frame.event in NAMES, (frame.event, frame.data)
@@ -253,4 +257,67 @@ async def test_every_client_gets_exactly_what_the_reference_policy_allows(
         assert delivered > n_events
         assert refused + len(clients) == n_clients
         assert {c.key.role for c in clients} == {"user", "admin", "superadmin"}
+        assert {c.path for c in clients} == {EVENTS_PATH, V5_PATH}
+
+
+@pytest.mark.parametrize("seed", [11, 4242])
+async def test_state_clients_see_exactly_the_reference_state_and_nothing_else(
+    upstream: UpstreamServer, nursery: trio.Nursery, seed: int
+) -> None:
+    """initialState=true clients, connected after half the log: state, then changes,
+    must leave each with the map of a client that saw the whole log (independent
+    policy), and nothing they were shown may be an event they may not see."""
+    rng = random.Random(seed)
+    head = upstream.log.head
+    before = [random_event(rng) for _ in range(600)]
+    upstream.log.append(before)
+    async with isolation_proxy(nursery, upstream.target) as proxy:
+        await wait_until(lambda: proxy.running.hub.last_sequence >= head + len(before))
+        clients: list[Client] = []
+        for _ in range(30):
+            key = rng.choice(KEYS)
+            path = rng.choice([EVENTS_PATH, V5_PATH])
+            params = random_params(rng, key, path) | {"initialState": "true"}
+            principal = Principal(key.access_key, Role(key.role), key.user_id, key.domain)
+            filters = reference_filters(key, path, {k: v for k, v in params.items()
+                                                    if k != "initialState"})  # fmt: skip
+            clients.append(Client(key, path, params, principal, filters, []))
+        after = [random_event(rng) for _ in range(600)]
+        after += [sentinel(c, i) for i, c in enumerate(clients)]
+        messages = before + after
+        stream = [as_event(head + 1 + i, m) for i, m in enumerate(messages)]
+        last = {
+            id(c): max(e.sequence for e in stream if reference_visible(c.principal, c.filters, e))
+            for c in clients
+        }
+        maps: dict[int, dict[Any, Any]] = {id(c): {} for c in clients}
+        shown: dict[int, list[tuple[str, Any]]] = {id(c): [] for c in clients}
+
+        async def read(client: Client, task_status: trio.TaskStatus[None]) -> None:
+            async with client_stream(proxy, client) as reader:
+                task_status.started()
+                payload = client.filters.payload
+                while True:
+                    frame = await reader.next()
+                    if frame.event in ("stream_state_begin", "stream_state_end"):
+                        continue
+                    assert frame.event in NAMES, (frame.event, frame.data)
+                    shown[id(client)].append((frame.event, frame.data))
+                    key = client_key(frame.event, frame.data, payload)
+                    maps[id(client)][key] = (frame.event, frame.data)
+                    if frame.id is not None and int(frame.id.rsplit(":", 1)[1]) >= last[id(client)]:
+                        return
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as readers:
+                for client in clients:
+                    await readers.start(read, client)
+                await wait_until(lambda: proxy.running.hub.clients == len(clients))
+                upstream.log.append(after)
+        for client in clients:
+            want = reference_map(stream, client.principal, client.filters)
+            assert maps[id(client)] == want, (client.key.access_key, client.params)
+            allowed = [rendered(e, client.filters.payload) for e in stream
+                       if reference_visible(client.principal, client.filters, e)]  # fmt: skip
+            assert all(item in allowed for item in shown[id(client)])
         assert {c.path for c in clients} == {EVENTS_PATH, V5_PATH}

@@ -25,21 +25,25 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dkernel_events/v1/events.proto\x12\x10kernel_events.v1\x1a\x1fgoogle/protobuf/timestamp.proto\":\n\x10SubscribeRequest\x12\x16\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x04\x12\x0e\n\x06log_id\x18\x02 \x01(\t\"\x85\x01\n\x11SubscribeResponse\x12\x0e\n\x06log_id\x18\x01 \x01(\t\x12\x30\n\x06\x65vents\x18\x02 \x03(\x0b\x32 .kernel_events.v1.LifecycleEvent\x12\x17\n\x0foldest_sequence\x18\x03 \x01(\x04\x12\x15\n\rhead_sequence\x18\x04 \x01(\x04\"\x8b\x03\n\x0eLifecycleEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x11\n\tkernel_id\x18\x04 \x01(\t\x12\x18\n\x10owner_access_key\x18\x05 \x01(\t\x12\x0f\n\x07user_id\x18\x06 \x01(\t\x12\x13\n\x0b\x64omain_name\x18\x07 \x01(\t\x12\x12\n\ngroup_name\x18\x08 \x01(\t\x12\x13\n\x06reason\x18\t \x01(\tH\x00\x88\x01\x01\x12(\n\x06result\x18\n \x01(\x0e\x32\x18.kernel_events.v1.Result\x12\x16\n\texit_code\x18\x0b \x01(\x05H\x01\x88\x01\x01\x12-\n\ttimestamp\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0csession_uuid\x18\r \x01(\t\x12\x14\n\x0c\x63luster_role\x18\x0e \x01(\t\x12\x13\n\x0b\x63luster_idx\x18\x0f \x01(\x05\x42\t\n\x07_reasonB\x0c\n\n_exit_code*^\n\x06Result\x12\x16\n\x12RESULT_UNSPECIFIED\x10\x00\x12\x14\n\x10RESULT_UNDEFINED\x10\x01\x12\x12\n\x0eRESULT_SUCCESS\x10\x02\x12\x12\n\x0eRESULT_FAILURE\x10\x03\x32m\n\x13KernelEventsService\x12V\n\tSubscribe\x12\".kernel_events.v1.SubscribeRequest\x1a#.kernel_events.v1.SubscribeResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dkernel_events/v1/events.proto\x12\x10kernel_events.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"*\n\x0fSnapshotRequest\x12\x17\n\x0fmax_event_bytes\x18\x01 \x01(\r\"t\n\x10SnapshotResponse\x12\x0e\n\x06log_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x30\n\x06\x65vents\x18\x03 \x03(\x0b\x32 .kernel_events.v1.LifecycleEvent\x12\x0c\n\x04last\x18\x04 \x01(\x08\":\n\x10SubscribeRequest\x12\x16\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x04\x12\x0e\n\x06log_id\x18\x02 \x01(\t\"\x85\x01\n\x11SubscribeResponse\x12\x0e\n\x06log_id\x18\x01 \x01(\t\x12\x30\n\x06\x65vents\x18\x02 \x03(\x0b\x32 .kernel_events.v1.LifecycleEvent\x12\x17\n\x0foldest_sequence\x18\x03 \x01(\x04\x12\x15\n\rhead_sequence\x18\x04 \x01(\x04\"\x8b\x03\n\x0eLifecycleEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x11\n\tkernel_id\x18\x04 \x01(\t\x12\x18\n\x10owner_access_key\x18\x05 \x01(\t\x12\x0f\n\x07user_id\x18\x06 \x01(\t\x12\x13\n\x0b\x64omain_name\x18\x07 \x01(\t\x12\x12\n\ngroup_name\x18\x08 \x01(\t\x12\x13\n\x06reason\x18\t \x01(\tH\x00\x88\x01\x01\x12(\n\x06result\x18\n \x01(\x0e\x32\x18.kernel_events.v1.Result\x12\x16\n\texit_code\x18\x0b \x01(\x05H\x01\x88\x01\x01\x12-\n\ttimestamp\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0csession_uuid\x18\r \x01(\t\x12\x14\n\x0c\x63luster_role\x18\x0e \x01(\t\x12\x13\n\x0b\x63luster_idx\x18\x0f \x01(\x05\x42\t\n\x07_reasonB\x0c\n\n_exit_code*^\n\x06Result\x12\x16\n\x12RESULT_UNSPECIFIED\x10\x00\x12\x14\n\x10RESULT_UNDEFINED\x10\x01\x12\x12\n\x0eRESULT_SUCCESS\x10\x02\x12\x12\n\x0eRESULT_FAILURE\x10\x03\x32\xc2\x01\n\x13KernelEventsService\x12V\n\tSubscribe\x12\".kernel_events.v1.SubscribeRequest\x1a#.kernel_events.v1.SubscribeResponse0\x01\x12S\n\x08Snapshot\x12!.kernel_events.v1.SnapshotRequest\x1a\".kernel_events.v1.SnapshotResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kernel_events.v1.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RESULT']._serialized_start=678
-  _globals['_RESULT']._serialized_end=772
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=84
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=142
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=145
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=278
-  _globals['_LIFECYCLEEVENT']._serialized_start=281
-  _globals['_LIFECYCLEEVENT']._serialized_end=676
-  _globals['_KERNELEVENTSSERVICE']._serialized_start=774
-  _globals['_KERNELEVENTSSERVICE']._serialized_end=883
+  _globals['_RESULT']._serialized_start=840
+  _globals['_RESULT']._serialized_end=934
+  _globals['_SNAPSHOTREQUEST']._serialized_start=84
+  _globals['_SNAPSHOTREQUEST']._serialized_end=126
+  _globals['_SNAPSHOTRESPONSE']._serialized_start=128
+  _globals['_SNAPSHOTRESPONSE']._serialized_end=244
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=246
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=304
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=307
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=440
+  _globals['_LIFECYCLEEVENT']._serialized_start=443
+  _globals['_LIFECYCLEEVENT']._serialized_end=838
+  _globals['_KERNELEVENTSSERVICE']._serialized_start=937
+  _globals['_KERNELEVENTSSERVICE']._serialized_end=1131
 # @@protoc_insertion_point(module_scope)

@@ -41,6 +41,68 @@ RESULT_FAILURE: Result.ValueType  # 3
 Global___Result: _TypeAlias = Result  # noqa: Y015
 
 @_typing.final
+class SnapshotRequest(_message.Message):
+    """SnapshotRequest asks for the current state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_EVENT_BYTES_FIELD_NUMBER: _builtins.int
+    max_event_bytes: _builtins.int
+    """Events larger than this many bytes (serialized) are left out: a subscriber that
+    could not take them would otherwise fail the whole snapshot. 0: no limit.
+    """
+    def __init__(
+        self,
+        *,
+        max_event_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_event_bytes", b"max_event_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotRequest: _TypeAlias = SnapshotRequest  # noqa: Y015
+
+@_typing.final
+class SnapshotResponse(_message.Message):
+    """SnapshotResponse is one chunk of a snapshot; every chunk names the same position."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOG_ID_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    log_id: _builtins.str
+    """The log the state belongs to (as SubscribeResponse.log_id)."""
+    sequence: _builtins.int
+    """The state reflects every event up to and including this sequence (0: none)."""
+    last: _builtins.bool
+    """True on the final chunk."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___LifecycleEvent]:
+        """The events the state holds, in increasing sequence order across all chunks.
+        Folding them (latest event per session and kernel) rebuilds the state.
+        """
+
+    def __init__(
+        self,
+        *,
+        log_id: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        events: _abc.Iterable[Global___LifecycleEvent] | None = ...,
+        last: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "last", b"last", "log_id", b"log_id", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotResponse: _TypeAlias = SnapshotResponse  # noqa: Y015
+
+@_typing.final
 class SubscribeRequest(_message.Message):
     """SubscribeRequest says where in the log to start."""
 
@@ -50,7 +112,9 @@ class SubscribeRequest(_message.Message):
     LOG_ID_FIELD_NUMBER: _builtins.int
     after_sequence: _builtins.int
     """Deliver every retained event with a sequence greater than this one, then live
-    events. 0 means live events only.
+    events. 0 means live events only, unless log_id names the server's current log:
+    then it means from that log's start (a position taken from an empty log's
+    snapshot).
     """
     log_id: _builtins.str
     """The log the cursor belongs to (see SubscribeResponse.log_id). Empty if unknown.

@@ -40,6 +40,11 @@ class KernelEventsServiceStub:
                 request_serializer=kernel__events_dot_v1_dot_events__pb2.SubscribeRequest.SerializeToString,
                 response_deserializer=kernel__events_dot_v1_dot_events__pb2.SubscribeResponse.FromString,
                 _registered_method=True)
+        self.Snapshot = channel.unary_stream(
+                '/kernel_events.v1.KernelEventsService/Snapshot',
+                request_serializer=kernel__events_dot_v1_dot_events__pb2.SnapshotRequest.SerializeToString,
+                response_deserializer=kernel__events_dot_v1_dot_events__pb2.SnapshotResponse.FromString,
+                _registered_method=True)
 
 
 class KernelEventsServiceServicer:
@@ -54,6 +59,15 @@ class KernelEventsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Snapshot(self, request, context):
+        """Snapshot streams where every session stands (the latest events per session and
+        kernel), consistent with one log position: subscribing after that position then
+        gives every change from exactly there (list, then watch).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KernelEventsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +75,11 @@ def add_KernelEventsServiceServicer_to_server(servicer, server):
                     servicer.Subscribe,
                     request_deserializer=kernel__events_dot_v1_dot_events__pb2.SubscribeRequest.FromString,
                     response_serializer=kernel__events_dot_v1_dot_events__pb2.SubscribeResponse.SerializeToString,
+            ),
+            'Snapshot': grpc.unary_stream_rpc_method_handler(
+                    servicer.Snapshot,
+                    request_deserializer=kernel__events_dot_v1_dot_events__pb2.SnapshotRequest.FromString,
+                    response_serializer=kernel__events_dot_v1_dot_events__pb2.SnapshotResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -91,6 +110,33 @@ class KernelEventsService:
             '/kernel_events.v1.KernelEventsService/Subscribe',
             kernel__events_dot_v1_dot_events__pb2.SubscribeRequest.SerializeToString,
             kernel__events_dot_v1_dot_events__pb2.SubscribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Snapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kernel_events.v1.KernelEventsService/Snapshot',
+            kernel__events_dot_v1_dot_events__pb2.SnapshotRequest.SerializeToString,
+            kernel__events_dot_v1_dot_events__pb2.SnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

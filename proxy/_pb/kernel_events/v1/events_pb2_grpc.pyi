@@ -37,6 +37,11 @@ class KernelEventsServiceStub:
     """Subscribe streams the log. Each response may carry several events: per-message
     cost dominates gRPC, so the server batches whatever is ready.
     """
+    Snapshot: _grpc.UnaryStreamMultiCallable[_events_pb2.SnapshotRequest, _events_pb2.SnapshotResponse]
+    """Snapshot streams where every session stands (the latest events per session and
+    kernel), consistent with one log position: subscribing after that position then
+    gives every change from exactly there (list, then watch).
+    """
 
 @_typing.type_check_only
 class KernelEventsServiceAsyncStub(KernelEventsServiceStub):
@@ -46,6 +51,11 @@ class KernelEventsServiceAsyncStub(KernelEventsServiceStub):
     Subscribe: _aio.UnaryStreamMultiCallable[_events_pb2.SubscribeRequest, _events_pb2.SubscribeResponse]  # type: ignore[assignment]
     """Subscribe streams the log. Each response may carry several events: per-message
     cost dominates gRPC, so the server batches whatever is ready.
+    """
+    Snapshot: _aio.UnaryStreamMultiCallable[_events_pb2.SnapshotRequest, _events_pb2.SnapshotResponse]  # type: ignore[assignment]
+    """Snapshot streams where every session stands (the latest events per session and
+    kernel), consistent with one log position: subscribing after that position then
+    gives every change from exactly there (list, then watch).
     """
 
 class KernelEventsServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -59,6 +69,17 @@ class KernelEventsServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_events_pb2.SubscribeResponse], _abc.AsyncIterator[_events_pb2.SubscribeResponse]]:
         """Subscribe streams the log. Each response may carry several events: per-message
         cost dominates gRPC, so the server batches whatever is ready.
+        """
+
+    @_abc_1.abstractmethod
+    def Snapshot(
+        self,
+        request: _events_pb2.SnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_events_pb2.SnapshotResponse], _abc.AsyncIterator[_events_pb2.SnapshotResponse]]:
+        """Snapshot streams where every session stands (the latest events per session and
+        kernel), consistent with one log position: subscribing after that position then
+        gives every change from exactly there (list, then watch).
         """
 
 def add_KernelEventsServiceServicer_to_server(servicer: KernelEventsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
