@@ -261,10 +261,14 @@ async def _watch_keypairs(
     }
     last = _mtime(path)
     while True:
+        # The request being waited for: a request replaces it with a fresh event, so
+        # asking for the current one after waking would miss it (a SIGHUP with the file's
+        # mtime unchanged did nothing).
+        requested = reload_requested()
         with trio.move_on_after(KEYPAIRS_POLL):
-            await reload_requested().wait()
+            await requested.wait()
         current = _mtime(path)
-        if current == last and not reload_requested().is_set():
+        if current == last and not requested.is_set():
             continue
         last = current
         try:
