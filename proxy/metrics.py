@@ -4,12 +4,14 @@ The hot path only bumps plain integers on the hub and the bridge; this collector
 them into metric families when Prometheus asks. The delivery-latency histogram is the
 one metric observed as it happens (once per write, not per event), into plain counts.
 
-A group of workers (``serve --workers N``) answers one ``/metrics`` for all of them:
-each worker's families as plain data (``snapshot``), summed by ``merge`` (gauges too,
-except the few in ``LOWEST``), rendered by ``render``. No ``worker`` label: a dashboard
-built on one process's metrics reads a group's the same way and counts nothing twice.
-A worker that dies leaves its counters behind (``monotonic``) so that the group's
-never go down.
+A group of workers (``serve --workers N``) answers one ``/metrics`` for all of them
+(``group_view``): each worker's families as plain data (``snapshot``), summed by
+``merge`` (gauges too, except the few in ``LOWEST``), rendered by ``render``. No
+``worker`` label: a dashboard built on one process's metrics reads a group's the same
+way and counts nothing twice. Every worker has its own upstream subscription, so the
+families in ``PER_WORKER`` (each upstream event counted once by every worker) are
+reported per worker: the group's sum divided by its workers. A worker that dies
+leaves its counters behind (``monotonic``) so that the group's never go down.
 """
 
 from __future__ import annotations
@@ -94,6 +96,11 @@ Snapshot = list[dict[str, Any]]
 # Gauges whose group value is the lowest of the workers' rather than their sum: the
 # group's upstream is live (1) only when every worker's stream is.
 LOWEST: Final = frozenset({"kep_upstream_live"})
+# Counted once per upstream event by every worker (each has its own subscription): a
+# group reports them per worker, so their rate is the upstream's, as with one process.
+PER_WORKER: Final = frozenset(
+    {"kep_upstream_events", "kep_upstream_malformed_events", "kep_events_published"}
+)
 # Families that only ever grow: a dead worker's last values stay in the group's.
 _MONOTONIC: Final = frozenset({"counter", "histogram", "summary"})
 
@@ -141,8 +148,20 @@ def monotonic(snap: Snapshot) -> Snapshot:
     return [family for family in snap if family["type"] in _MONOTONIC]
 
 
-def group_families(configured: int, running: int, restarts: int) -> Snapshot:
-    """What the supervisor adds about the group itself."""
+def group_view(
+    retired: Snapshot, workers: Iterable[Snapshot], configured: int, running: int, restarts: int
+) -> Snapshot:
+    """The group's ``/metrics``: what dead workers left (``retired``) and every live
+    worker's last report, merged; ``PER_WORKER`` families divided by the configured
+    workers (constant for the group's life, so they stay counters); the group's own."""
+    merged = merge([retired, *workers])
+    for family in merged:
+        if family["name"] in PER_WORKER:
+            family["samples"] = [[s, labels, v / configured] for s, labels, v in family["samples"]]
+    return merged + _group_families(configured, running, restarts)
+
+
+def _group_families(configured: int, running: int, restarts: int) -> Snapshot:
     return [
         {
             "name": "kep_workers",
