@@ -37,7 +37,7 @@ from .feeders import run_replay, run_simulator
 from .group import WorkerGroup
 from .server import RunningProxy, run_proxy
 from .simulator import DEFAULT_TENANTS
-from .supervisor import Supervisor, available_cores, generate_shared_keys
+from .supervisor import CannotListen, Supervisor, available_cores
 from .upstream_server import EventLog, UpstreamServer
 
 log = logging.getLogger("proxy")
@@ -232,13 +232,17 @@ def _serve(
         settle_garbage_collector()
         trio.run(partial(serve_until_signal, settings, banner=banner))
         return 0
-    supervisor = Supervisor(
-        generate_shared_keys(sources, settings),
-        settings,
-        workers,
-        log_level=args.log_level,
-        log_format=args.log_format,
-    )
+    try:
+        supervisor = Supervisor(
+            sources,
+            settings,
+            workers,
+            log_level=args.log_level,
+            log_format=args.log_format,
+        )
+    except CannotListen as exc:
+        print(f"kernel-events-proxy: {exc}", file=sys.stderr)
+        return 1
 
     def on_serving(url: str) -> None:
         if banner is not None:

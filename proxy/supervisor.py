@@ -37,7 +37,7 @@ from typing import Any, Final
 import trio
 from hypercorn.utils import repr_socket_addr
 
-from .config import SESSION_MODE_TEXT, ConfigError, Settings, session_mode
+from .config import SESSION_MODE_TEXT, Settings, session_mode
 from .group import Link, LinkClosed, Message, ledger_for
 from .limits import StreamLimitExceeded
 from .metrics import Snapshot, group_view, merge, monotonic, render
@@ -54,6 +54,10 @@ RESTART_RESET: Final = 30.0
 REPORT_TIMEOUT: Final = 2.0
 # At shutdown a worker gets graceful_timeout, plus this for the rest of its exit.
 EXIT_MARGIN: Final = 3.0
+
+
+class CannotListen(Exception):
+    """A listening socket could not be made (the message names the setting)."""
 
 
 def cores_allowed(cores: int, cpu_max: str | None) -> int:
@@ -115,9 +119,11 @@ class Supervisor:
         log_level: str = "INFO",
         log_format: str = "text",
     ) -> None:
-        # Plain JSON (paths as strings), as each worker validates it again.
-        self._sources = json.loads(json.dumps(sources, default=str))
         self._settings = settings
+        self._listen, self._metrics_listen = self._create_sockets()
+        # Plain JSON (paths as strings), as each worker validates it again.
+        shared = generate_shared_keys(sources, settings)
+        self._sources = json.loads(json.dumps(shared, default=str))
         self._workers = [_Worker(i) for i in range(1, workers + 1)]
         self._log = ["--log-level", log_level, "--log-format", log_format]
         self.ledger = ledger_for(settings.limits)
@@ -126,7 +132,6 @@ class Supervisor:
         self._stop = trio.Event()
         self._all_ready = trio.Event()
         self._exit_code = 0
-        self._listen, self._metrics_listen = self._create_sockets()
         scheme = "https" if settings.server.certfile is not None else "http"
         first = self._listen[0]
         self.url = f"{scheme}://{repr_socket_addr(first.family, first.getsockname())}"
@@ -149,7 +154,7 @@ class Supervisor:
             except OSError as exc:
                 for sock in (s for group in made for s in group):
                     sock.close()
-                raise ConfigError(f"{key}: cannot listen on {bind}: {exc.strerror}") from None
+                raise CannotListen(f"{key}: cannot listen on {bind}: {exc.strerror}") from None
             made.append(listening)
         return made[0], made[1] if len(made) > 1 else []
 

@@ -259,6 +259,25 @@ def test_a_bad_worker_count_is_a_config_error_naming_the_key(tmp_path: Path) -> 
         assert 'or "auto" (one per core)' in result.stderr
 
 
+def test_a_taken_port_is_a_clear_error_before_any_worker_starts(tmp_path: Path) -> None:
+    import subprocess
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = config(tmp_path, group_toml("127.0.0.1:1", server={"bind": f"127.0.0.1:{port}"}))
+        result = subprocess.run(
+            [str(BIN), "serve", "--config", path], capture_output=True, text=True, timeout=30
+        )
+    assert result.returncode == 1
+    assert f"server.bind: cannot listen on 127.0.0.1:{port}: Address already in use" in (
+        result.stderr
+    )
+    assert "worker" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 async def test_one_worker_is_one_process_with_no_supervisor(
     tmp_path: Path, upstream: UpstreamServer, groups: Groups
 ) -> None:
