@@ -339,6 +339,7 @@ class LoadGen:
         return {
             "dropped_at": dropped,
             "readmitted_at": max((c.admitted for c in self.clients), default=dropped),
+            "admitted": [c.admitted for c in self.clients],
             "reconnected": len(self.clients),
             "failed": len(old) - len(self.clients),
         }

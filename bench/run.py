@@ -32,6 +32,7 @@ from typing import Any, Final
 from . import report
 from .common import (
     Json,
+    cpu_seconds,
     merge_histograms,
     percentile,
     raise_fd_limit,
@@ -236,8 +237,14 @@ class Clients:
         """Every stream drops and reconnects at once (all generators together)."""
         cmd: Json = {"op": "storm", "timeout": timeout}
         answers = call_all(self.children, [cmd] * len(self.children), timeout=timeout + 30)
+        dropped = min(float(a["dropped_at"]) for a in answers)
+        after = sorted(float(t) - dropped for a in answers for t in a["admitted"])
         return {
-            "dropped_at": min(float(a["dropped_at"]) for a in answers),
+            "admitted_after_s": {  # how long clients waited, from the drop
+                f"p{q}": after[min(len(after) - 1, len(after) * q // 100)] if after else None
+                for q in (10, 50, 90, 99)
+            },
+            "dropped_at": dropped,
             "readmitted_at": max(float(a["readmitted_at"]) for a in answers),
             "reconnected": sum(int(a["reconnected"]) for a in answers),
             "failed": sum(int(a["failed"]) for a in answers),
@@ -699,9 +706,14 @@ class Bench:
             cpu1, t1 = system.cpu(), time.monotonic()
             steady = (cpu1 - cpu0) / (t1 - t0)
             staying.reset(latency=True)
+            pids = system.pids()  # a supervisor's and its workers' apart, too
+            before = [cpu_seconds(pid) for pid in pids]
+            lg0 = storming.report()["cpu"] + staying.report()["cpu"]
             with self.profiled(system, "storm"):
                 storm = storming.storm(timeout=max(60.0, n / 50))
             cpu2, t2 = system.cpu(), time.monotonic()
+            by_process = [cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
+            lg1 = storming.report()["cpu"] + staying.report()["cpu"]
             during = staying.report(hist=True)
             self.pause(1.0)
             self.driver.call({"op": "stop"})
@@ -726,9 +738,16 @@ class Bench:
             "reconnected": storm["reconnected"],
             "failed": storm["failed"],
             "readmit_s": readmit,
+            "admitted_after_s": storm["admitted_after_s"],
             "sut_cpu_s": cpu,
+            "sut_cpu_s_by_process": by_process,
+            "loadgen_cpu_util": (lg1 - lg0) / (t2 - t1),
             "steady_cpu_util": steady,
-            "cpu_ms_per_reconnect": net / n * 1e3 if n else None,
+            # Everything the system did meanwhile, the flow to every client included (as
+            # issue 16 measured it), and net of the flow's rate just before the storm
+            # (an underestimate: during the storm fewer clients are there to feed).
+            "cpu_ms_per_reconnect": cpu / n * 1e3 if n else None,
+            "cpu_ms_per_reconnect_net": net / n * 1e3 if n else None,
             "staying_deliveries": during["deliveries"],
             "storming": stormed,
             "staying_tally": stayed,
@@ -741,7 +760,8 @@ class Bench:
             out[key] = value * 1e3 if value is not None else None
         log(
             f"  storm: {storm['reconnected']}/{n} re-admitted in {readmit:.2f}s, "
-            f"CPU {cpu:.2f}s ({out['cpu_ms_per_reconnect'] or 0:.2f} ms each, net), staying "
+            f"CPU {cpu:.2f}s ({out['cpu_ms_per_reconnect'] or 0:.2f} ms each, "
+            f"{out['cpu_ms_per_reconnect_net'] or 0:.2f} net of the flow), staying "
             f"p99 {out['staying_p99_ms'] or 0:.1f} ms, lost {out['lost']}, "
             f"duplicated {out['duplicated']}"
         )
