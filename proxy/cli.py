@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import trio
 from pythonjsonlogger.json import JsonFormatter
@@ -162,12 +162,25 @@ def _is_loopback(host_port: str) -> bool:
         return False
 
 
+# Collect the young generation every 20,000 new container objects, not 700, and the
+# older ones 20 times less often than that each (CPython's defaults: 700, 10, 10).
+GC_THRESHOLDS: Final = (20_000, 20, 20)
+
+
 def settle_garbage_collector() -> None:
     """Keep what start-up built (modules, classes, functions: most of the heap) out of
     every later collection. A full collection otherwise walks all of it, again and
-    again, for as long as the process serves; it cannot be garbage anyway."""
+    again, for as long as the process serves; it cannot be garbage anyway.
+
+    Then collect less often (``GC_THRESHOLDS``). Every connection allocates hundreds of
+    container objects that live as long as it does, so with thousands of clients
+    (re)connecting at once the default thresholds ran collections that walk the whole
+    heap of held connections again and again: 40 % of the CPU of a 4,000-client storm
+    (docs/benchmarks.md). Nearly everything here is freed by reference counting anyway;
+    cyclic garbage just waits longer, and the young generation stays a few MiB."""
     gc.collect()
     gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
