@@ -111,48 +111,25 @@ def _rows(doc: Json) -> list[tuple[str, Getter, str]]:
     # Before the RSS and churn rows: plot() counts those from the end.
     storm = f"storm of {s['storm_clients']:,} ({s['storm_staying']:,} staying, "
     storm += f"{s['storm_rate']:.0f} ev/s)"
-    rows += [
-        (
-            f"{storm}: s until all re-admitted",
-            lambda r, d: _get(r, "storm", "readmit_s"),
-            ",.2f",
-        ),
+    for label, path, spec in (
+        (f"{storm}: s until all re-admitted", ("readmit_s",), ",.2f"),
         (
             "  SUT CPU ms per reconnect (all it did meanwhile, the flow included)",
-            lambda r, d: _get(r, "storm", "cpu_ms_per_reconnect"),
+            ("cpu_ms_per_reconnect",),
             ",.2f",
         ),
         (
             "  the same, net of the flow's CPU before the storm",
-            lambda r, d: _get(r, "storm", "cpu_ms_per_reconnect_net"),
+            ("cpu_ms_per_reconnect_net",),
             ",.2f",
         ),
-        (
-            "  staying clients' p50 latency ms during it",
-            lambda r, d: _get(r, "storm", "staying_p50_ms"),
-            ",.1f",
-        ),
-        (
-            "  staying clients' p99 latency ms during it",
-            lambda r, d: _get(r, "storm", "staying_p99_ms"),
-            ",.1f",
-        ),
-        (
-            "  events lost, all clients",
-            lambda r, d: _get(r, "storm", "lost"),
-            ",.0f",
-        ),
-        (
-            "  events lost by the worst client",
-            lambda r, d: _get(r, "storm", "storming", "lost_max"),
-            ",.0f",
-        ),
-        (
-            "  events received twice, all clients",
-            lambda r, d: _get(r, "storm", "duplicated"),
-            ",.0f",
-        ),
-    ]
+        ("  staying clients' p50 latency ms during it", ("staying_p50_ms",), ",.1f"),
+        ("  staying clients' p99 latency ms during it", ("staying_p99_ms",), ",.1f"),
+        ("  events lost, all clients", ("lost",), ",.0f"),
+        ("  events lost by the worst client", ("storming", "lost_max"), ",.0f"),
+        ("  events received twice, all clients", ("duplicated",), ",.0f"),
+    ):
+        rows.append((label, _storm(*path), spec))
     for i, count in enumerate(counts):
         rows.append(
             (
@@ -174,6 +151,13 @@ def _rows(doc: Json) -> list[tuple[str, Getter, str]]:
         ),
     ]
     return rows
+
+
+def _storm(*path: str) -> Getter:
+    def get(result: Json, doc: Json) -> float | None:
+        return _get(result, "storm", *path)
+
+    return get
 
 
 def _point(i: int) -> Getter:

@@ -20,7 +20,7 @@ import itertools
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Final, Protocol
 
 import orjson
@@ -277,25 +277,18 @@ class Link:
 # --- A worker's side ------------------------------------------------------------------
 
 
+@dataclass
 class WorkerGroup:
     """One worker of a group: the group's limits, metrics and health, asked of the
     supervisor over ``link``; ``listen`` and ``metrics_listen`` are the inherited
     listening sockets' descriptors."""
 
-    def __init__(
-        self,
-        link: Link,
-        *,
-        index: int,
-        workers: int,
-        listen: list[int],
-        metrics_listen: list[int],
-    ) -> None:
-        self.link = link
-        self.index = index
-        self.workers = workers
-        self.listen = listen
-        self.metrics_listen = metrics_listen
+    link: Link
+    _: KW_ONLY
+    index: int
+    workers: int
+    listen: list[int]
+    metrics_listen: list[int]
 
     async def run(self, report: Callable[[], Message]) -> None:
         """Serve the supervisor's questions (``report``: this worker's state) until the

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import Any, Final
 
 import httpx
 import pytest
@@ -44,6 +44,7 @@ from ..helpers import (
 from .test_cli import free_port
 from .test_keypairs_reload import FILE_KEY, NEW_KEY, write_keys
 from .test_openapi import check
+from .test_scale_out import Processes, Spawned
 
 BIN: Final = Path(sys.executable).parent / "kernel-events-proxy"
 STARTED_RE: Final = re.compile(r"worker (\d+) started \(pid (\d+)\)")
@@ -75,14 +76,17 @@ def group_toml(upstream: str, *, workers: int = 2, **sections: dict[str, Any]) -
 
 @dataclass
 class Group:
-    """A supervisor started by the test, its output in a file."""
+    """A supervisor started by the test (``Processes``: its output in a file)."""
 
-    process: trio.Process
-    log: Path
+    spawned: Spawned
     url: str = ""
 
+    @property
+    def process(self) -> trio.Process:
+        return self.spawned.process
+
     def text(self) -> str:
-        return self.log.read_text(errors="replace")
+        return self.spawned.log.read_text(errors="replace")
 
     def workers(self) -> dict[int, int]:
         """Worker index -> pid of its latest process."""
@@ -103,48 +107,36 @@ class Group:
 
 
 class Groups:
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.started: list[Group] = []
-        self._files: list[IO[bytes]] = []
+    """Supervisors, and at the end their workers too (in process groups of their own,
+    which ``Processes.kill_all`` does not reach)."""
 
-    async def start(self, *args: str, env: dict[str, str] | None = None) -> Group:
-        log = self.directory / f"group-{len(self.started)}.log"
-        out = log.open("wb")
-        self._files.append(out)
-        process = await trio.lowlevel.open_process(
-            [str(BIN), *args],
-            stdin=None,
-            stdout=out,
-            stderr=out,
-            start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        )
-        group = Group(process, log)
+    def __init__(self, processes: Processes) -> None:
+        self.processes = processes
+        self.started: list[Group] = []
+
+    async def start(self, *args: str) -> Group:
+        name = f"group-{len(self.started)}"
+        group = Group(await self.processes.start(name, str(BIN), *args))
         self.started.append(group)
         return group
 
-    async def serving(self, *args: str, env: dict[str, str] | None = None) -> Group:
-        group = await self.start(*args, env=env)
+    async def serving(self, *args: str) -> Group:
+        group = await self.start(*args)
         ((url, _),) = await group.wait_for(SERVING_RE.pattern)
         group.url = url
         return group
 
     def kill_all(self) -> None:
         for group in self.started:
-            pids = list(group.workers().values())
-            if group.process.returncode is None:
-                pids.append(group.process.pid)
-            for pid in pids:
+            for pid in group.workers().values():
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
-        for f in self._files:
-            f.close()
+        self.processes.kill_all()
 
 
 @pytest.fixture
 def groups(tmp_path: Path) -> Iterator[Groups]:
-    started = Groups(tmp_path)
+    started = Groups(Processes(tmp_path))
     try:
         yield started
     finally:
