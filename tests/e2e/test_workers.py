@@ -199,6 +199,10 @@ def children_of(pid: int) -> list[str] | None:
         return None
 
 
+def command_line(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
 def running(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
@@ -299,6 +303,11 @@ async def test_stream_caps_hold_for_the_group_not_per_worker(
     )
     group = await groups.serving("serve", "--config", path)
     url = group.url
+    # The settings went down the control socket: no secret on a worker's command line.
+    for pid in group.workers().values():
+        argv = command_line(pid)
+        assert "proxy.worker" in argv
+        assert not any(k.secret_key in argv for k in ALL_KEYS), argv
     async with stream_on(url, 1, USER1), stream_on(url, 2, USER1):
         # The key's two slots are taken, one in each worker: a third is refused by both.
         for index in (1, 2):
