@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -579,3 +580,27 @@ async def test_the_demo_with_workers_is_one_demo(groups: Groups) -> None:
     group.process.send_signal(signal.SIGINT)
     with trio.fail_after(20):
         assert await group.process.wait() == 0
+
+
+async def test_tls_and_http2_with_workers(
+    tmp_path: Path, upstream: UpstreamServer, groups: Groups, tls: tuple[Any, Path, Path]
+) -> None:
+    """Each worker does its own TLS on the inherited socket; HTTP/2 streams work."""
+    ca, certfile, keyfile = tls
+    server = {"certfile": str(certfile), "keyfile": str(keyfile)}
+    group = await groups.serving(
+        "serve", "--config", config(tmp_path, group_toml(upstream.target, server=server))
+    )
+    assert group.url.startswith("https://")
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    seen: set[int] = set()
+    with trio.fail_after(30):
+        while seen != {1, 2}:
+            async with httpx.AsyncClient(http2=True, verify=context, timeout=TIMEOUT) as client:
+                health = await client.get(f"{group.url}/healthz")
+                assert health.http_version == "HTTP/2"
+                seen.add(health.json()["worker"])
+                url = f"{group.url}{EVENTS_PATH}"
+                async with client.stream("GET", url, headers=signed_headers(url, SUPER)) as r:
+                    assert r.status_code == 200
