@@ -12,7 +12,11 @@ no more than count and keep (receipt time, lines), so the instrument's own cost 
 delivery (the kernel's read aside) stays small beside what it measures.
 
 Commands: ``connect`` (open N streams and keep them), ``reset`` (zero the counters),
-``report``, ``churn`` (connect, read the response head, close; N times), ``close``.
+``report``, ``churn`` (connect, read the response head, close; N times), ``close``,
+``storm`` (drop every held stream and reconnect them all at once, each with the
+``Last-Event-ID`` it last saw) and ``tally`` (per client: which events were missed or
+received twice). Streams connected with ``track`` keep the index of every event they
+receive (its ``kernelId``, unique per event of a ``send``) and their last ``id:``.
 Requests to this proxy are signed with ``proxy.signing.sign_headers``, once per
 connection.
 """
@@ -45,6 +49,10 @@ from .common import (
 )
 
 _STAMP_RE: Final = re.compile(rb"t=(\d+\.\d+)")
+# An event's index in a send (bench.common.lifecycle_event: kernel_id = k<i>), in any
+# system's JSON, compact or not; and an SSE id line.
+_INDEX_RE: Final = re.compile(rb'"kernelId":\s*"k(\d+)"')
+_ID_RE: Final = re.compile(rb"^id: ?(\S+)$", re.MULTILINE)
 _HEAD_END: Final = b"\r\n\r\n"
 
 
@@ -86,12 +94,16 @@ class Stats:
             self.samples.append((now, lines))
 
 
-def build_request(port: int, path: str, auth: str, index: int) -> bytes:
+def build_request(
+    port: int, path: str, auth: str, index: int, last_event_id: str | None = None
+) -> bytes:
     """One GET; ``path`` may hold ``{ak}`` (the index's user key); ``auth`` is
     ``none``, ``super`` or ``user`` (this proxy's HMAC signature, made here)."""
     host = f"{HOST}:{port}"
     target = path.format(ak=user_key(index))
     lines = [f"GET {target} HTTP/1.1", f"Host: {host}", "Accept: text/event-stream"]
+    if last_event_id is not None:
+        lines.append(f"Last-Event-ID: {last_event_id}")
     if auth != "none":
         access, secret = (
             (SUPER_KEY, SUPER_SECRET) if auth == "super" else (user_key(index), user_secret(index))
@@ -108,13 +120,34 @@ def build_request(port: int, path: str, auth: str, index: int) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
+class Track:
+    """What one client (across its reconnections) received: event indices, last id."""
+
+    __slots__ = ("index", "last_id", "seen")
+
+    def __init__(self, index: int) -> None:
+        self.index = index  # which client (its request's user index)
+        self.seen: list[int] = []
+        self.last_id: str | None = None
+
+    def on_lines(self, lines: bytes) -> None:
+        self.seen.extend(int(i) for i in _INDEX_RE.findall(lines))
+        ids = _ID_RE.findall(lines)
+        if ids:
+            self.last_id = ids[-1].decode()
+
+
 class StreamClient(asyncio.Protocol):
     """One held SSE stream: parses the response head, then counts deliveries."""
 
-    def __init__(self, stats: Stats, request: bytes, lost: list[int]) -> None:
+    def __init__(
+        self, stats: Stats, request: bytes, lost: list[int], track: Track | None = None
+    ) -> None:
         self.stats = stats
         self.request = request
         self.lost = lost
+        self.track = track
+        self.admitted = 0.0  # when the response head arrived
         self.head = b""
         self.rest = b""
         self.streaming = False  # the response head was read
@@ -137,6 +170,7 @@ class StreamClient(asyncio.Protocol):
             ok = self.head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200"))
             data, self.head = self.head[end + 4 :], b""
             self.streaming = ok
+            self.admitted = now
             self.ready.set_result(ok)
             if not ok:
                 assert self.transport is not None
@@ -148,7 +182,10 @@ class StreamClient(asyncio.Protocol):
             self.rest = buf
             return
         self.rest = buf[cut:]
-        self.stats.on_lines(buf[:cut] if cut < len(buf) else buf, now)
+        lines = buf[:cut] if cut < len(buf) else buf
+        self.stats.on_lines(lines, now)
+        if self.track is not None:
+            self.track.on_lines(lines)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.ready.done():
@@ -194,6 +231,7 @@ class LoadGen:
         self.clients: list[StreamClient] = []
         self.lost = [0]
         self.failed = 0
+        self.where: tuple[int, str, str] = (0, "", "none")
 
     async def handle(self, cmd: Json) -> Json:
         op = cmd["op"]
@@ -206,6 +244,10 @@ class LoadGen:
             return self.report(bool(cmd.get("hist", False)))
         if op == "churn":
             return await self.churn(cmd)
+        if op == "storm":
+            return await self.storm(cmd)
+        if op == "tally":
+            return self.tally(int(cmd["count"]))
         if op == "close":
             for client in self.clients:
                 if client.transport is not None:
@@ -239,30 +281,94 @@ class LoadGen:
         began = time.monotonic()
         ok = 0
 
+        track = bool(cmd.get("track", False))
+        self.where = (port, path, auth)
+
         async def one(i: int) -> None:
             nonlocal ok
             async with limiter:
                 if time.monotonic() > deadline:
                     self.failed += 1
                     return
-                client = StreamClient(self.stats, build_request(port, path, auth, i), self.lost)
-                try:
-                    await asyncio.wait_for(
-                        self.loop.create_connection(lambda: client, HOST, port), 30
-                    )
-                    good = await asyncio.wait_for(client.ready, 30)
-                except (OSError, TimeoutError):
-                    good = False
-                if good:
+                client = await self.open(i, Track(i) if track else None, patience=30)
+                if client is not None:
                     ok += 1
                     self.clients.append(client)
                 else:
                     self.failed += 1
-                    if client.transport is not None:
-                        client.transport.close()
 
         await asyncio.gather(*(one(i) for i in range(start, start + count)))
         return {"connected": ok, "held": len(self.clients), "elapsed": time.monotonic() - began}
+
+    async def open(
+        self, i: int, track: Track | None, *, patience: float, last_event_id: str | None = None
+    ) -> StreamClient | None:
+        """One stream to the last ``connect``'s system, held once its head says 200;
+        ``patience``: seconds for the connection, then as many for the head."""
+        port, path, auth = self.where
+        request = build_request(port, path, auth, i, last_event_id)
+        client = StreamClient(self.stats, request, self.lost, track)
+        try:
+            connecting = self.loop.create_connection(lambda: client, HOST, port)
+            await asyncio.wait_for(connecting, patience)
+            good = await asyncio.wait_for(client.ready, patience)
+        except (OSError, TimeoutError):
+            good = False
+        if not good and client.transport is not None:
+            client.transport.close()
+        return client if good else None
+
+    async def storm(self, cmd: Json) -> Json:
+        """Every held stream drops, then all reconnect at once with their last id."""
+        patience = float(cmd.get("timeout", 120))
+        old, self.clients = self.clients, []
+        dropped = time.time()
+        for client in old:
+            if client.transport is not None:
+                client.transport.close()
+        self.lost[0] -= len(old)  # these were dropped on purpose
+
+        async def again(client: StreamClient) -> StreamClient | None:
+            track = client.track
+            index = track.index if track is not None else 0
+            last = track.last_id if track is not None else None
+            return await self.open(index, track, patience=patience, last_event_id=last)
+
+        back = await asyncio.gather(*(again(c) for c in old))
+        self.clients = [c for c in back if c is not None]
+        return {
+            "dropped_at": dropped,
+            "readmitted_at": max((c.admitted for c in self.clients), default=dropped),
+            "admitted": [c.admitted for c in self.clients],
+            "reconnected": len(self.clients),
+            "failed": len(old) - len(self.clients),
+        }
+
+    def tally(self, count: int) -> Json:
+        """Per tracked client, against events 0..count-1 of the last send."""
+        lost, duplicated, with_loss, with_dups, have_last = [], [], 0, 0, 0
+        for client in self.clients:
+            if client.track is None:
+                continue
+            seen = client.track.seen
+            distinct = {i for i in seen if i < count}
+            missing = count - len(distinct)
+            twice = len(seen) - len(set(seen))
+            lost.append(missing)
+            duplicated.append(twice)
+            with_loss += missing > 0
+            with_dups += twice > 0
+            have_last += (count - 1) in distinct
+        return {
+            "clients": len(lost),
+            "lost": sum(lost),
+            "lost_max": max(lost, default=0),
+            "clients_with_loss": with_loss,
+            "duplicated": sum(duplicated),
+            "duplicated_max": max(duplicated, default=0),
+            "clients_with_duplicates": with_dups,
+            "have_last": have_last,
+        }
 
     async def churn(self, cmd: Json) -> Json:
         port, path, auth = int(cmd["port"]), str(cmd["path"]), str(cmd.get("auth", "none"))

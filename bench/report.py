@@ -108,6 +108,28 @@ def _rows(doc: Json) -> list[tuple[str, Getter, str]]:
             ".1f",
         ),
     ]
+    # Before the RSS and churn rows: plot() counts those from the end.
+    storm = f"storm of {s['storm_clients']:,} ({s['storm_staying']:,} staying, "
+    storm += f"{s['storm_rate']:.0f} ev/s)"
+    for label, path, spec in (
+        (f"{storm}: s until all re-admitted", ("readmit_s",), ",.2f"),
+        (
+            "  SUT CPU ms per reconnect (all it did meanwhile, the flow included)",
+            ("cpu_ms_per_reconnect",),
+            ",.2f",
+        ),
+        (
+            "  the same, net of the flow's CPU before the storm",
+            ("cpu_ms_per_reconnect_net",),
+            ",.2f",
+        ),
+        ("  staying clients' p50 latency ms during it", ("staying_p50_ms",), ",.1f"),
+        ("  staying clients' p99 latency ms during it", ("staying_p99_ms",), ",.1f"),
+        ("  events lost, all clients", ("lost",), ",.0f"),
+        ("  events lost by the worst client", ("storming", "lost_max"), ",.0f"),
+        ("  events received twice, all clients", ("duplicated",), ",.0f"),
+    ):
+        rows.append((label, _storm(*path), spec))
     for i, count in enumerate(counts):
         rows.append(
             (
@@ -131,6 +153,13 @@ def _rows(doc: Json) -> list[tuple[str, Getter, str]]:
     return rows
 
 
+def _storm(*path: str) -> Getter:
+    def get(result: Json, doc: Json) -> float | None:
+        return _get(result, "storm", *path)
+
+    return get
+
+
 def _point(i: int) -> Getter:
     def get(result: Json, doc: Json) -> float | None:
         return _get(result, "connections", "points", i, "kib_per_connection")
@@ -152,6 +181,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 SHORT: Final = {
     "proxy": "1. this proxy",
+    "proxy2": "1b. this proxy, 2 workers",
     "aiohttp": "2. aiohttp (original)",
     "starlette": "3. sse-starlette",
     "nchan": "4. nginx+nchan",
@@ -343,7 +373,57 @@ def targets(doc: Json) -> list[Json]:
         f"{_fmt(_get(mine, 'generations', 'one_us'), '.2f')} µs, medians of "
         f"{len(mine.get('generations', {}).get('cpu_us_per_delivery', {}).get('one', []))})",
     )
+    _storm_targets(doc, add)
     return out
+
+
+def _storm_targets(
+    doc: Json, add: Callable[[str, float | None, Callable[[float], bool], str], None]
+) -> None:
+    """Issue 16's: two workers re-admit a storm in at most 0.6x one's time; nothing
+    lost or twice; staying clients' p99 at most 200 ms; CPU per reconnect within 1.4x
+    the churn scenario's per cycle."""
+    results = doc["results"]
+    one, two = results.get("proxy", {}), results.get("proxy2", {})
+    n = doc["scale"]["storm_clients"]
+    t1, t2 = _get(one, "storm", "readmit_s"), _get(two, "storm", "readmit_s")
+    ratio = t2 / t1 if t1 and t2 else None
+    add(
+        f"storm of {n:,}: 2 workers re-admit in <= 0.6x the time of 1",
+        ratio,
+        lambda v: v <= 0.6,
+        f"{_fmt(t2, '.2f')} s vs {_fmt(t1, '.2f')} s = {_fmt(ratio, '.2f')}x",
+    )
+    measured = [r["storm"] for r in (one, two) if isinstance(r.get("storm"), dict)]
+    wrong = [float(r["lost"] + r["duplicated"]) for r in measured if "lost" in r]
+    add(
+        "storm: 0 lost, 0 duplicated (1 and 2 workers)",
+        sum(wrong) if wrong else None,
+        lambda v: v == 0,
+        ", ".join(f"lost {r['lost']}, twice {r['duplicated']}" for r in measured if "lost" in r)
+        or "—",
+    )
+    p99s = [
+        v
+        for v in (_get(one, "storm", "staying_p99_ms"), _get(two, "storm", "staying_p99_ms"))
+        if v is not None
+    ]
+    add(
+        "storm: staying clients' p99 <= 200 ms (1 and 2 workers)",
+        max(p99s) if p99s else None,
+        lambda v: v <= 200.0,
+        " / ".join(f"{v:.1f} ms" for v in p99s) or "—",
+    )
+    per = _get(one, "storm", "cpu_ms_per_reconnect")
+    churn = _get(one, "churn", "cpu_us_per_cycle")
+    factor = per * 1000 / churn if per is not None and churn else None
+    add(
+        "storm: CPU per reconnect <= 1.4x churn's per cycle (1 worker)",
+        factor,
+        lambda v: v <= 1.4,
+        f"{_fmt(per, '.2f')} ms vs {_fmt(churn / 1000 if churn else None, '.2f')} ms = "
+        f"{_fmt(factor, '.2f')}x",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -379,6 +459,7 @@ def plot(doc: Json, path: Path) -> Path | None:
     lines = {0: 100_000.0, 5: 10.0, len(rows) - 3: 32.0, len(rows) - 1: 5.0}
     colors = {
         "proxy": "#1f77b4",
+        "proxy2": "#17becf",
         "aiohttp": "#ff7f0e",
         "starlette": "#2ca02c",
         "nchan": "#7f7f7f",

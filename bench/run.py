@@ -32,6 +32,7 @@ from typing import Any, Final
 from . import report
 from .common import (
     Json,
+    cpu_seconds,
     merge_histograms,
     percentile,
     raise_fd_limit,
@@ -41,7 +42,15 @@ from .procs import ROOT, Child, ChildError, call_all
 from .profiling import Profiler
 from .systems import SYSTEMS, Paths, System
 
-SCENARIOS: Final = ("ingest", "fanout", "selective", "connections", "churn", "generations")
+SCENARIOS: Final = (
+    "ingest",
+    "fanout",
+    "selective",
+    "connections",
+    "churn",
+    "generations",
+    "storm",
+)
 # The later API generation's path (generations.py): the generations scenario mixes it in.
 V5_PATH: Final = "/events/session"
 GENERATION_ROUNDS: Final = 3
@@ -63,6 +72,11 @@ class Scale:
     connection_counts: tuple[int, ...]
     churn_cycles: int
     churn_concurrency: int
+    storm_clients: int  # drop and reconnect at once, with Last-Event-ID
+    storm_staying: int  # stay connected meanwhile (their latency is measured)
+    storm_rate: float  # events per second throughout
+    storm_lead: float  # seconds of events before the storm (the steady CPU is read)
+    storm_max_seconds: float  # the longest the events may flow
     drain_timeout: float  # how long a phase may take after its last event was sent
     clients_per_loadgen: int
     settle: float  # multiplies every pause that lets a system settle before measuring
@@ -84,6 +98,11 @@ FULL: Final = Scale(
     connection_counts=(1000, 10_000),
     churn_cycles=10_000,
     churn_concurrency=64,
+    storm_clients=4000,
+    storm_staying=500,
+    storm_rate=10.0,
+    storm_lead=2.0,
+    storm_max_seconds=180.0,
     drain_timeout=20.0,
     clients_per_loadgen=5000,
     settle=1.0,
@@ -104,6 +123,11 @@ QUICK: Final = Scale(
     connection_counts=(200, 1000),
     churn_cycles=500,
     churn_concurrency=32,
+    storm_clients=1000,
+    storm_staying=100,
+    storm_rate=10.0,
+    storm_lead=1.0,
+    storm_max_seconds=60.0,
     drain_timeout=3.0,
     clients_per_loadgen=5000,
     settle=0.25,
@@ -124,6 +148,11 @@ SMOKE: Final = Scale(
     connection_counts=(20, 40),
     churn_cycles=50,
     churn_concurrency=4,
+    storm_clients=20,
+    storm_staying=5,
+    storm_rate=20.0,
+    storm_lead=0.5,
+    storm_max_seconds=30.0,
     drain_timeout=5.0,
     clients_per_loadgen=5000,
     settle=0.1,
@@ -144,8 +173,11 @@ class Clients:
         self.drain = drain
         self.held = 0
 
-    def connect(self, paths: Paths, *, which: str, start: int, count: int) -> float:
-        """Open ``count`` streams (users ``start``..) spread over the generators."""
+    def connect(
+        self, paths: Paths, *, which: str, start: int, count: int, track: bool = False
+    ) -> float:
+        """Open ``count`` streams (users ``start``..) spread over the generators;
+        ``track``: each keeps which events it got (the storm's lost and duplicated)."""
         if self.drain or count <= 0:
             return 0.0
         path = paths.all_path if which == "all" else paths.user_path
@@ -165,6 +197,7 @@ class Clients:
                     "count": share,
                     "concurrency": 100,
                     "timeout": max(60.0, count / 100),
+                    "track": track,
                 }
             )
             first += share
@@ -199,6 +232,31 @@ class Clients:
             "cpu": sum(a["cpu"] for a in answers),
             "hist": merge_histograms(a.get("hist", {}) for a in answers),
         }
+
+    def storm(self, timeout: float) -> Json:
+        """Every stream drops and reconnects at once (all generators together)."""
+        cmd: Json = {"op": "storm", "timeout": timeout}
+        answers = call_all(self.children, [cmd] * len(self.children), timeout=timeout + 30)
+        dropped = min(float(a["dropped_at"]) for a in answers)
+        after = sorted(float(t) - dropped for a in answers for t in a["admitted"])
+        return {
+            "admitted_after_s": {  # how long clients waited, from the drop
+                f"p{q}": after[min(len(after) - 1, len(after) * q // 100)] if after else None
+                for q in (10, 50, 90, 99)
+            },
+            "dropped_at": dropped,
+            "readmitted_at": max(float(a["readmitted_at"]) for a in answers),
+            "reconnected": sum(int(a["reconnected"]) for a in answers),
+            "failed": sum(int(a["failed"]) for a in answers),
+        }
+
+    def tally(self, count: int) -> Json:
+        answers = call_all(self.children, [{"op": "tally", "count": count}] * len(self.children))
+        out: Json = {}
+        for key in answers[0]:
+            values = [int(a[key]) for a in answers]
+            out[key] = max(values) if key.endswith("_max") else sum(values)
+        return out
 
     def stop(self) -> None:
         if not self.drain:
@@ -630,6 +688,96 @@ class Bench:
         )
         return out
 
+    def storm(self, system: System) -> Json:
+        """``storm_clients`` drop and reconnect at once with ``Last-Event-ID`` (a replica
+        died; its clients land here) while events flow to ``storm_staying`` clients.
+        Measured: the time until every one is admitted again, the system's CPU for it
+        (net of what the flow costs, read just before), the staying clients' latency
+        during it, and per client the events lost or received twice by the end."""
+        s = self.scale
+        n, m = s.storm_clients, s.storm_staying
+        paths = system.start(users=0, route="all")
+        staying = self.clients(system, m)
+        storming = self.clients(system, n)
+        assert self.driver is not None
+        try:
+            staying.connect(paths, which="all", start=0, count=m, track=True)
+            storming.connect(paths, which="all", start=m, count=n, track=True)
+            self.pause(1.0)
+            flow: Json = {
+                "op": "send",
+                "kind": "all",
+                "count": int(s.storm_rate * s.storm_max_seconds),
+                "rate": s.storm_rate,
+            }
+            self.driver.call(flow)
+            time.sleep(s.storm_lead / 2)
+            cpu0, t0 = system.cpu(), time.monotonic()
+            time.sleep(s.storm_lead / 2)
+            cpu1, t1 = system.cpu(), time.monotonic()
+            steady = (cpu1 - cpu0) / (t1 - t0)
+            staying.reset(latency=True)
+            pids = system.pids()  # a supervisor's and its workers' apart, too
+            before = [cpu_seconds(pid) for pid in pids]
+            lg0 = storming.report()["cpu"] + staying.report()["cpu"]
+            with self.profiled(system, "storm"):
+                storm = storming.storm(timeout=max(60.0, n / 50))
+            cpu2, t2 = system.cpu(), time.monotonic()
+            by_process = [cpu_seconds(pid) - b for pid, b in zip(pids, before, strict=True)]
+            lg1 = storming.report()["cpu"] + staying.report()["cpu"]
+            during = staying.report(hist=True)
+            self.pause(1.0)
+            self.driver.call({"op": "stop"})
+            sent = int(self.driver.call({"op": "wait", "timeout": 60}, 90)["count"])
+            deadline = time.monotonic() + s.drain_timeout
+            while True:  # until every client has the last event (or time is up)
+                stormed, stayed = storming.tally(sent), staying.tally(sent)
+                done = stormed["have_last"] + stayed["have_last"] == n + m
+                if done or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+        finally:
+            staying.stop()
+            storming.stop()
+        readmit = storm["readmitted_at"] - storm["dropped_at"]
+        cpu = cpu2 - cpu1
+        net = cpu - steady * (t2 - t1)
+        out: Json = {
+            "clients": n,
+            "staying": m,
+            "events_sent": sent,
+            "reconnected": storm["reconnected"],
+            "failed": storm["failed"],
+            "readmit_s": readmit,
+            "admitted_after_s": storm["admitted_after_s"],
+            "sut_cpu_s": cpu,
+            "sut_cpu_s_by_process": by_process,
+            "loadgen_cpu_util": (lg1 - lg0) / (t2 - t1),
+            "steady_cpu_util": steady,
+            # Everything the system did meanwhile, the flow to every client included (as
+            # issue 16 measured it), and net of the flow's rate just before the storm
+            # (an underestimate: during the storm fewer clients are there to feed).
+            "cpu_ms_per_reconnect": cpu / n * 1e3 if n else None,
+            "cpu_ms_per_reconnect_net": net / n * 1e3 if n else None,
+            "staying_deliveries": during["deliveries"],
+            "storming": stormed,
+            "staying_tally": stayed,
+            "lost": stormed["lost"] + stayed["lost"],
+            "duplicated": stormed["duplicated"] + stayed["duplicated"],
+        }
+        hist = during["hist"]
+        for q, key in ((0.5, "staying_p50_ms"), (0.99, "staying_p99_ms")):
+            value = percentile(hist, q)
+            out[key] = value * 1e3 if value is not None else None
+        log(
+            f"  storm: {storm['reconnected']}/{n} re-admitted in {readmit:.2f}s, "
+            f"CPU {cpu:.2f}s ({out['cpu_ms_per_reconnect'] or 0:.2f} ms each, "
+            f"{out['cpu_ms_per_reconnect_net'] or 0:.2f} net of the flow), staying "
+            f"p99 {out['staying_p99_ms'] or 0:.1f} ms, lost {out['lost']}, "
+            f"duplicated {out['duplicated']}"
+        )
+        return out
+
     def restart(
         self, system: System, clients: Clients, *, users: int, route: str, which: str, count: int
     ) -> Paths:
@@ -656,6 +804,7 @@ class Bench:
             "connections": self.connections,
             "churn": self.churn,
             "generations": self.generations,
+            "storm": self.storm,
         }
         try:
             for key in systems:
@@ -678,7 +827,7 @@ class Bench:
                     assert self.driver is not None
                     self.driver.call({"op": "trim"})  # the same, empty upstream log for all
                     began = time.monotonic()
-                    version = proxy_sources_digest() if key == "proxy" else None
+                    version = proxy_sources_digest() if key.startswith("proxy") else None
                     try:
                         self.results[key][scenario] = runners[scenario](system)
                         self.results[key][scenario]["duration_s"] = time.monotonic() - began

@@ -1,6 +1,7 @@
 """The systems under test: how each is started, reached and measured.
 
-1. ``proxy``: this project, ``kernel-events-proxy serve --config ...``, one process.
+1. ``proxy``: this project, ``kernel-events-proxy serve --config ...``, one process;
+   ``proxy2``: the same with ``--workers 2`` (a supervisor and two workers).
 2. ``aiohttp``: the original design on aiohttp + aiohttp-sse (``bench.peers``).
 3. ``starlette``: sse-starlette on uvicorn, the same fan-out as 2.
 4. ``nchan``: nginx + the nchan module, fed by ``bench.peers.nchan_bridge``.
@@ -65,7 +66,9 @@ class System:
     label: str = ""
     auth: str = "none"
     filtering: str = ""
-    scenarios: frozenset[str] = frozenset({"ingest", "fanout", "selective", "connections", "churn"})
+    scenarios: frozenset[str] = frozenset(
+        {"ingest", "fanout", "selective", "connections", "churn", "storm"}
+    )
 
     def __init__(self, work: Path, upstream: str) -> None:
         self.work = work
@@ -116,14 +119,16 @@ class ProxySystem(System):
     label = "this proxy (quart-trio, hypercorn)"
     auth = "HMAC (signed once per connection)"
     filtering = "index + policy per matching client"
+    workers = 1
 
     def start(self, *, users: int, route: str) -> Paths:
-        config = self.work / f"proxy-{users}.toml"
+        config = self.work / f"{self.key}-{users}.toml"
         lines = [
             # outbox_limit: the default 4,096 frames is 27 ms of a 150,000 events/s
             # burst; on these two cores the one ingest reader is sometimes descheduled
             # longer than that and was dropped (stream_overflow) mid-measurement.
-            f'[server]\nbind = "{HOST}:0"\noutbox_limit = {BENCH_OUTBOX_LIMIT}\n',
+            f'[server]\nbind = "{HOST}:0"\noutbox_limit = {BENCH_OUTBOX_LIMIT}\n'
+            + (f"workers = {self.workers}\n" if self.workers > 1 else ""),
             f'[upstream]\ntarget = "{self.upstream}"\n',
             f'[[keypairs]]\naccess_key = "{SUPER_KEY}"\nsecret_key = "{SUPER_SECRET}"\n'
             'role = "superadmin"\nuser_id = "bench-super"\ndomain = "default"\n',
@@ -138,7 +143,7 @@ class ProxySystem(System):
         )
         config.write_text("".join(lines))
         child = Child(
-            "proxy",
+            self.key,
             [*PROXY_CMD, "--log-level", "WARNING", "serve", "--config", str(config)],
             self.work / "logs",
             control=False,
@@ -148,6 +153,21 @@ class ProxySystem(System):
         wait_http(port, "/readyz", 60, child.proc)
         self.paths = Paths(port, EVENTS_PATH, EVENTS_PATH, "super", "user")
         return self.paths
+
+
+class ProxyWorkersSystem(ProxySystem):
+    """This proxy with two workers: the supervisor's and both workers' CPU and RSS."""
+
+    key = "proxy2"
+    label = "this proxy, --workers 2"
+    scenarios = frozenset({"fanout", "churn", "storm"})
+    workers = 2
+
+    def pids(self) -> list[int]:
+        pids = super().pids()
+        if self.procs:
+            pids.extend(child_pids(self.procs[0].pid))  # the workers
+        return pids
 
 
 class _PeerSystem(System):
@@ -314,6 +334,7 @@ SYSTEMS: Final[dict[str, type[System]]] = {
     cls.key: cls
     for cls in (
         ProxySystem,
+        ProxyWorkersSystem,
         AiohttpSystem,
         StarletteSystem,
         NchanSystem,

@@ -13,7 +13,8 @@ It runs ``proxy.upstream_server.UpstreamServer`` over an ``EventLog`` in this pr
   measure latency from the upstream's append to their receipt.
 
 ``trim`` empties the retained log (``EventLog.forget``) so that every scenario, and
-every ingest run, starts from the same upstream state.
+every ingest run, starts from the same upstream state; ``stop`` ends a paced ``send``
+early (the storm scenario sends until its storm is over).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Driver:
         self.replay = replay
         self._thread: threading.Thread | None = None
         self._result: Json = {}
+        self._stop = threading.Event()
 
     def handle(self, cmd: Json) -> Json:
         op = cmd["op"]
@@ -68,6 +70,9 @@ class Driver:
             kind, count = str(cmd["kind"]), int(cmd["count"])
             users, rate = int(cmd.get("users", 1)), float(cmd.get("rate", 0.0))
             return self._start(lambda: self._send(kind, count, users, rate))
+        if op == "stop":
+            self._stop.set()
+            return {"ok": True}
         if op == "wait":
             if self._thread is not None:
                 self._thread.join(float(cmd.get("timeout", 600)))
@@ -89,6 +94,7 @@ class Driver:
         if self._thread is not None:
             raise RuntimeError("a send is already running")
         self._result = {}
+        self._stop.clear()
         self._thread = threading.Thread(target=work, name="bench-send", daemon=True)
         self._thread.start()
         return {"ok": True}
@@ -103,7 +109,7 @@ class Driver:
         start = time.time()
         first = 0.0
         sent = 0
-        while sent < count:
+        while sent < count and not self._stop.is_set():
             now = time.time()
             if rate > 0:
                 due = min(count, int((now - start) * rate) + 1)

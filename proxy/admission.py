@@ -21,7 +21,8 @@ from .config import Settings
 from .errors import RequestError
 from .eventid import Cursor, InvalidEventId, parse_id
 from .generations import Generation
-from .limits import StreamLimitExceeded, StreamSlots, client_address, parse_networks
+from .group import Shared
+from .limits import StreamLimitExceeded, client_address, parse_networks
 from .metrics import Metrics
 from .policy import PolicyError, Principal
 from .sessions import JwtVerifier, SessionCodec, authenticate_browser
@@ -122,6 +123,7 @@ class Admission:
         *,
         codec: SessionCodec | None,
         bearer: JwtVerifier | None,
+        shared: Shared,
         state_available: Callable[[], bool] = lambda: True,
     ) -> None:
         self._state_available = state_available
@@ -132,9 +134,9 @@ class Admission:
         self._codec = codec
         self._bearer = bearer
         self._skew = timedelta(seconds=settings.auth.max_clock_skew)
-        limits = settings.limits
-        self.slots = StreamSlots(limits.max_streams_per_key, limits.max_streams)
-        self._trusted_proxies = parse_networks(limits.trusted_proxies)
+        # Stream slots: this process's, or its group's (group.py).
+        self._shared = shared
+        self._trusted_proxies = parse_networks(settings.limits.trusted_proxies)
 
     def remote_client(self) -> str:
         return client_address(
@@ -167,7 +169,7 @@ class Admission:
             log.info("auth failure (%s) from %s", exc.reason, request.remote_addr)
             raise RequestError(401, exc.reason, exc.message) from None
 
-    def open_stream(self, generation: Generation) -> Response:
+    async def open_stream(self, generation: Generation) -> Response:
         """The events route of one generation: admit the stream, or raise RequestError."""
         principal = self.authenticate()
         params = parse_query(request.scope["query_string"])
@@ -186,7 +188,7 @@ class Admission:
                 "the upstream offers no snapshot, so no state can be sent (initialState)",
                 {"Retry-After": "30"},
             )
-        self._take_slot(principal)
+        await self._take_slot(principal)
         # Clients that declare they speak text/event-stream (EventSource always does) get
         # id-only position blocks; the official SDK sends `*/*` and would turn such a
         # block into an empty "message" event.
@@ -208,11 +210,12 @@ class Admission:
         response.headers["X-Accel-Buffering"] = "no"
         return response
 
-    def _take_slot(self, principal: Principal) -> None:
-        # A slot is taken now, synchronously (concurrent requests cannot all pass the
-        # check before one subscribes), and given back when the request ends (guard.py).
+    async def _take_slot(self, principal: Principal) -> None:
+        # A slot is taken now, while the request is handled (concurrent requests cannot
+        # all pass the check before one subscribes: one ledger decides each at once),
+        # and given back when the request ends (guard.py).
         try:
-            self.slots.acquire(principal.access_key)
+            await self._shared.acquire_stream(principal.access_key)
         except StreamLimitExceeded as exc:
             log.info(
                 "stream refused (%s): %s from %s",

@@ -21,9 +21,9 @@ from .admission import Admission
 from .config import LimitsSettings, Settings
 from .errors import RequestError, error_response
 from .generations import GENERATIONS, Generation
+from .group import Shared, SingleProcess
 from .guard import guard_asgi
 from .hub import Hub
-from .limits import RateLimiter
 from .metrics import Metrics
 from .ops import ops_blueprint
 from .signing import Keypair
@@ -41,8 +41,14 @@ def create_app(
     bridge: UpstreamBridge,
     metrics: Metrics,
     keys: Mapping[str, Keypair] | None = None,
+    *,
+    shared: Shared | None = None,
 ) -> QuartTrio:
+    """``shared``: the group this process is a worker of (its limits, metrics and
+    health are the group's); by default the process serves alone."""
     app = QuartTrio(__name__)
+    if shared is None:
+        shared = SingleProcess(settings.limits, metrics, bridge)
     # No deadline on writing an answer: a slow reader is the kernel write timeout's to
     # end (server.py). Event streams are served outside quart (guard.py).
     app.config["RESPONSE_TIMEOUT"] = None
@@ -53,14 +59,14 @@ def create_app(
         metrics,
         codec=codec,
         bearer=jwt_verifier(settings.jwt),
+        shared=shared,
         state_available=lambda: not hub.state_unavailable,
     )
     _install_error_handlers(app, metrics, settings.limits)
     app.register_blueprint(
         ops_blueprint(
             api_version=settings.api.version,
-            bridge=bridge,
-            metrics=metrics,
+            shared=shared,
             serve_metrics=settings.server.metrics_bind is None,
         )
     )
@@ -71,31 +77,26 @@ def create_app(
             codec=codec,
             cors=Cors(frozenset(settings.server.cors_origins)),
             on_auth_failure=lambda reason: metrics.auth_failures.update([reason]),
-            login_limits=_login_limits(settings.limits, admission),
+            login_limits=LoginLimits(
+                shared=shared,
+                body_timeout=settings.limits.body_timeout,
+                client=admission.remote_client,
+            ),
         )
     )
     for generation in GENERATIONS:
         _add_stream_route(app, admission, generation)
     hub.on_write = metrics.delivery_latency.observe
     writer = StreamWriter(hub, bridge.fetch, metrics)
-    app.asgi_app = guard_asgi(app.asgi_app, admission.slots, writer)  # type: ignore[method-assign,assignment]
+    app.asgi_app = guard_asgi(app.asgi_app, shared.release_stream, writer)  # type: ignore[method-assign,assignment]
     return app
 
 
 def _add_stream_route(app: QuartTrio, admission: Admission, generation: Generation) -> None:
     async def open_stream() -> Response:
-        return admission.open_stream(generation)
+        return await admission.open_stream(generation)
 
     app.add_url_rule(generation.path, f"events_{generation.name}", open_stream, methods=["GET"])
-
-
-def _login_limits(limits: LimitsSettings, admission: Admission) -> LoginLimits:
-    return LoginLimits(
-        per_address=RateLimiter(limits.login_attempts_per_address, limits.login_window),
-        per_key=RateLimiter(limits.login_failures_per_key, limits.login_window),
-        body_timeout=limits.body_timeout,
-        client=admission.remote_client,
-    )
 
 
 def _install_error_handlers(app: QuartTrio, metrics: Metrics, limits: LimitsSettings) -> None:

@@ -13,8 +13,9 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import trio
 from pythonjsonlogger.json import JsonFormatter
@@ -27,11 +28,16 @@ from .config import (
     Settings,
     load_settings,
     masked,
+    resolve_workers,
     session_mode,
+    settings_from_sources,
+    settings_sources,
 )
 from .feeders import run_replay, run_simulator
+from .group import WorkerGroup
 from .server import RunningProxy, run_proxy
 from .simulator import DEFAULT_TENANTS
+from .supervisor import CannotListen, Supervisor, available_cores
 from .upstream_server import EventLog, UpstreamServer
 
 log = logging.getLogger("proxy")
@@ -69,6 +75,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="start an embedded simulated upstream and demo keypairs (loopback only)",
     )
     serve.add_argument("--demo-rate", type=float, default=5.0, help="demo events per second")
+    serve.add_argument(
+        "--workers",
+        metavar="N",
+        help='processes serving the same sockets, or "auto" (one per core); default 1: '
+        "this process alone",
+    )
     serve.set_defaults(func=_cmd_serve)
 
     upstream = sub.add_parser("upstream", help="run the shipped gRPC upstream")
@@ -98,7 +110,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    _configure_logging(args.log_level, args.log_format)
+    configure_logging(args.log_level, args.log_format)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
@@ -109,18 +121,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _configure_logging(level: str, fmt: str) -> None:
+def configure_logging(level: str, fmt: str, *, worker: int | None = None) -> None:
+    """Text or JSON lines on stderr; a group's worker says which one it is in each."""
     handler = logging.StreamHandler(sys.stderr)
+    which = ""
+    if worker is not None:
+        handler.addFilter(_WorkerFilter(worker))
+        which = " worker %(worker)s" if fmt == "text" else " %(worker)s"
     if fmt == "json":
         handler.setFormatter(
             JsonFormatter(
-                "%(asctime)s %(levelname)s %(name)s %(message)s",
+                f"%(asctime)s %(levelname)s{which} %(name)s %(message)s",
                 rename_fields={"levelname": "level", "name": "logger", "asctime": "time"},
             )
         )
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s{which} %(name)s: %(message)s")
+        )
     logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+class _WorkerFilter(logging.Filter):
+    def __init__(self, worker: int) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.worker
+        return True
 
 
 def _is_loopback(host_port: str) -> bool:
@@ -133,12 +162,25 @@ def _is_loopback(host_port: str) -> bool:
         return False
 
 
-def _settle_garbage_collector() -> None:
+# Collect the young generation every 20,000 new container objects, not 700, and the
+# older ones 20 times less often than that each (CPython's defaults: 700, 10, 10).
+GC_THRESHOLDS: Final = (20_000, 20, 20)
+
+
+def settle_garbage_collector() -> None:
     """Keep what start-up built (modules, classes, functions: most of the heap) out of
     every later collection. A full collection otherwise walks all of it, again and
-    again, for as long as the process serves; it cannot be garbage anyway."""
+    again, for as long as the process serves; it cannot be garbage anyway.
+
+    Then collect less often (``GC_THRESHOLDS``). Every connection allocates hundreds of
+    container objects that live as long as it does, so with thousands of clients
+    (re)connecting at once the default thresholds ran collections that walk the whole
+    heap of held connections again and again: 40 % of the CPU of a 4,000-client storm
+    (docs/benchmarks.md). Nearly everything here is freed by reference counting anyway;
+    cyclic garbage just waits longer, and the young generation stays a few MiB."""
     gc.collect()
     gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -151,13 +193,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     for name in ("certfile", "keyfile"):
         if getattr(args, name):
             flags.setdefault("server", {})[name] = getattr(args, name)
+    if args.workers is not None:
+        flags.setdefault("server", {})["workers"] = args.workers
     if not args.demo:
-        settings = load_settings(args.config, os.environ, flags)
+        sources, origin = settings_sources(args.config, os.environ, flags)
+        settings = settings_from_sources(sources, origin, args.config)
         if not settings.keypairs:
             raise ConfigError("no [[keypairs]] configured: every request would be refused")
-        _settle_garbage_collector()
-        trio.run(_serve_until_signal, settings, None)
-        return 0
+        return _serve(args, settings, sources, None)
+    # The demo's upstream, keypairs and session key are made here, once: with several
+    # workers, all of them serve the same demo.
     event_log = EventLog()
     upstream = UpstreamServer(event_log, "127.0.0.1:0")
     demo_keys = _demo_keypairs()
@@ -167,24 +212,59 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     ]
     # Signs the dashboard's session cookies; new every run, like the demo secrets.
     flags["session"] = {"secret_key": secrets.token_urlsafe(32)}
-    settings = load_settings(args.config, os.environ, flags)
-    if not _is_loopback(settings.server.bind):
+    try:
+        sources, origin = settings_sources(args.config, os.environ, flags)
+        settings = settings_from_sources(sources, origin, args.config)
+        if not _is_loopback(settings.server.bind):
+            raise ConfigError(f"--demo binds to loopback only, not {settings.server.bind}")
+    except ConfigError:
         upstream.stop(0)
-        raise ConfigError(f"--demo binds to loopback only, not {settings.server.bind}")
+        raise
     stop = threading.Event()
     feeder = threading.Thread(
         target=run_simulator, args=(event_log, args.demo_rate, stop), name="demo-feeder"
     )
     upstream.start()
     feeder.start()
-    _settle_garbage_collector()
     try:
-        trio.run(_serve_until_signal, settings, _demo_banner(demo_keys))
+        return _serve(args, settings, sources, _demo_banner(demo_keys))
     finally:
         stop.set()
         feeder.join()
         upstream.stop(0)
-    return 0
+
+
+def _serve(
+    args: argparse.Namespace,
+    settings: Settings,
+    sources: dict[str, Any],
+    banner: Callable[[str], str] | None,
+) -> int:
+    workers = resolve_workers(settings.server.workers, available_cores())
+    if workers == 1:
+        settle_garbage_collector()
+        trio.run(partial(serve_until_signal, settings, banner=banner))
+        return 0
+    try:
+        supervisor = Supervisor(
+            sources,
+            settings,
+            workers,
+            log_level=args.log_level,
+            log_format=args.log_format,
+        )
+    except CannotListen as exc:
+        print(f"kernel-events-proxy: {exc}", file=sys.stderr)
+        return 1
+
+    def on_serving(url: str) -> None:
+        if banner is not None:
+            print(banner(url), flush=True)
+        log.info(
+            "serving on %s with %d workers (upstream %s)", url, workers, settings.upstream.target
+        )
+
+    return trio.run(supervisor.run, on_serving)
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
@@ -223,11 +303,11 @@ def _tail_command(url: str, key: KeypairSettings) -> str:
     )
 
 
-def _demo_banner(keys: Sequence[KeypairSettings]) -> Callable[[RunningProxy], str]:
-    def banner(proxy: RunningProxy) -> str:
+def _demo_banner(keys: Sequence[KeypairSettings]) -> Callable[[str], str]:
+    def banner(url: str) -> str:
         lines = [
             "",
-            f"kernel-events-proxy demo: {proxy.url}  (simulated upstream, loopback only)",
+            f"kernel-events-proxy demo: {url}  (simulated upstream, loopback only)",
             "",
             "Demo keypairs (one per role; new secrets every run):",
         ]
@@ -240,17 +320,17 @@ def _demo_banner(keys: Sequence[KeypairSettings]) -> Callable[[RunningProxy], st
         user = keys[0]
         lines += [
             "",
-            f"Dashboard, in a browser: {proxy.url}/",
+            f"Dashboard, in a browser: {url}/",
             f"  log in with a keypair above, e.g. the user: access key {user.access_key}, "
             f"secret key {user.secret_key.get_secret_value()}",
             "",
             "Live events, as the superadmin (paste into another terminal):",
-            f"  {_tail_command(proxy.url, su)}",
+            f"  {_tail_command(url, su)}",
             "",
             "Only one user's sessions:",
-            f"  {_tail_command(proxy.url, user)}",
+            f"  {_tail_command(url, user)}",
             "",
-            f"Version document: curl {proxy.url}/   Readiness: curl {proxy.url}/readyz",
+            f"Version document: curl {url}/   Readiness: curl {url}/readyz",
             "Stop with Ctrl-C.",
             "",
         ]
@@ -259,16 +339,23 @@ def _demo_banner(keys: Sequence[KeypairSettings]) -> Callable[[RunningProxy], st
     return banner
 
 
-async def _serve_until_signal(
-    settings: Settings, banner: Callable[[RunningProxy], str] | None
+async def serve_until_signal(
+    settings: Settings,
+    *,
+    banner: Callable[[str], str] | None = None,
+    group: WorkerGroup | None = None,
 ) -> None:
+    """One proxy until SIGINT/SIGTERM (graceful shutdown); SIGHUP reloads keypairs.
+    ``group``: as a worker of a group, which is told once this one serves."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
-            proxy: RunningProxy = await nursery.start(run_proxy, settings)
+            proxy: RunningProxy = await nursery.start(partial(run_proxy, settings, group=group))
             if banner is not None:
-                print(banner(proxy), flush=True)
+                print(banner(proxy.url), flush=True)
             else:
                 log.info("serving on %s (upstream %s)", proxy.url, settings.upstream.target)
+            if group is not None:
+                group.ready()  # after the signal handlers: SIGHUP and SIGTERM are safe now
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     log.info("received SIGHUP: reloading keypairs")

@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     SecretStr,
     ValidationError,
     model_validator,
@@ -60,6 +61,30 @@ def _check_origin(value: str) -> str:
 
 Origin = Annotated[str, AfterValidator(_check_origin)]
 
+MAX_WORKERS: Final = 256
+
+
+def _check_workers(value: object) -> int | Literal["auto"]:
+    # A plain validator: "auto" or a whole number (an environment variable's "4" too),
+    # with one message naming both forms, not a union's two errors.
+    if value == "auto":
+        return "auto"
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ValueError(
+            f'must be a whole number of processes from 1 to {MAX_WORKERS}, or "auto" (one per core)'
+        )
+    return value
+
+
+Workers = Annotated[int | Literal["auto"], PlainValidator(_check_workers)]
+
+
+def resolve_workers(workers: int | Literal["auto"], cores: int) -> int:
+    """How many worker processes to run: ``auto`` is one per available core."""
+    return max(1, min(cores, MAX_WORKERS)) if workers == "auto" else workers
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -85,6 +110,9 @@ class ServerSettings(_Section):
     graceful_timeout: Seconds = 5.0
     # Browser origins (scheme://host[:port]) allowed to call with credentials (CORS).
     cors_origins: tuple[Origin, ...] = ()
+    # Processes serving the same sockets (1: this process alone, no supervisor; "auto":
+    # one per core). See ARCHITECTURE.md, "Several workers".
+    workers: Workers = 1
 
 
 class SessionSettings(_Section):
@@ -330,23 +358,42 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 
+def settings_sources(
+    path: Path | None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The file, the environment and ``overrides`` merged, not yet validated, and which
+    variable set each key. Plain data: a supervisor hands it to its workers as it is,
+    so each reads the keypairs file itself (``settings_from_sources``)."""
+    data = _read_toml(path) if path is not None else {}
+    env, origin = env_overrides(environ or {})
+    return _merge(_merge(data, env), overrides or {}), origin
+
+
+def settings_from_sources(
+    merged: Mapping[str, Any], origin: Mapping[str, str] | None = None, path: Path | None = None
+) -> Settings:
+    """Validated settings from ``settings_sources``, with the keypairs file's keys."""
+    data = dict(merged)
+    keypairs_file = data.get("auth", {}).get("keypairs_file")
+    if isinstance(keypairs_file, str) and keypairs_file:
+        extra = load_keypairs_file(Path(keypairs_file))
+        data["keypairs"] = [*data.get("keypairs", ()), *(_plain(kp) for kp in extra)]
+    try:
+        return settings_from_mapping(data, origin)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
+
+
 def load_settings(
     path: Path | None,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
     """Effective settings. Precedence: defaults < file < environment < ``overrides``."""
-    data = _read_toml(path) if path is not None else {}
-    env, origin = env_overrides(environ or {})
-    merged = _merge(_merge(data, env), overrides or {})
-    keypairs_file = merged.get("auth", {}).get("keypairs_file")
-    if isinstance(keypairs_file, str) and keypairs_file:
-        extra = load_keypairs_file(Path(keypairs_file))
-        merged["keypairs"] = [*merged.get("keypairs", ()), *(_plain(kp) for kp in extra)]
-    try:
-        return settings_from_mapping(merged, origin)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
+    merged, origin = settings_sources(path, environ, overrides)
+    return settings_from_sources(merged, origin, path)
 
 
 def _plain(kp: KeypairSettings) -> dict[str, Any]:

@@ -23,14 +23,14 @@ from werkzeug.sansio.utils import get_host
 from .admission import PLAN_SCOPE_KEY, SLOTS_SCOPE_KEY
 from .errors import error_body
 from .generations import STREAM_PATHS
-from .limits import StreamSlots
 from .stream import Receive, Send, StreamPlan, StreamWriter
 
 ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 
-def guard_asgi(inner: ASGIApp, slots: StreamSlots, writer: StreamWriter) -> ASGIApp:
-    """``inner`` (quart's ASGI callable) wrapped as this module describes."""
+def guard_asgi(inner: ASGIApp, release: Callable[[str], None], writer: StreamWriter) -> ASGIApp:
+    """``inner`` (quart's ASGI callable) wrapped as this module describes; ``release``
+    gives a stream slot back (group.Shared.release_stream)."""
 
     async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and not _routable_host(scope):
@@ -43,7 +43,7 @@ def guard_asgi(inner: ASGIApp, slots: StreamSlots, writer: StreamWriter) -> ASGI
                 await inner(scope, receive, send)
         finally:
             for key in scope.get(SLOTS_SCOPE_KEY, ()):
-                slots.release(key)
+                release(key)
 
     return asgi_app
 

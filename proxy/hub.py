@@ -336,7 +336,9 @@ class Hub:
         self._outbox_limit = outbox_limit
         self.log_id: str | None = None
         self.last_sequence = 0
-        self._pending: list[Subscription] = []
+        # Insertion-ordered, so that a client leaving while pending is removed in O(1):
+        # a storm of reconnects level with this proxy fills it.
+        self._pending: dict[Subscription, None] = {}
         self.closing = False
         self.heartbeat_interval = 0.0  # set by run_heartbeats
         # Spreads each new stream's first heartbeat over the interval. Its own
@@ -456,7 +458,7 @@ class Hub:
                 if not groups:
                     del buckets[value]
             if sub.resume is not None:
-                self._pending.remove(sub)
+                del self._pending[sub]
             self._followers.discard(sub)
             sub.outbox.discard()
 
@@ -468,7 +470,7 @@ class Hub:
             # along, or this proxy has not heard from the upstream yet): whether anything
             # in between is missing is decided at the next publish.
             sub.resume = after
-            self._pending.append(sub)
+            self._pending[sub] = None
             return
         history = self._history
         start: int | None = None

@@ -11,6 +11,10 @@ with a fake clock (``tests/test_limits.py``); ``app.py`` and ``web.py`` apply th
   holds. A slot is taken when a stream is admitted (synchronously, so a burst of
   simultaneous requests cannot all pass the check before any of them subscribes) and
   given back when its request ends.
+- ``Ledger``: both, as one process or a whole group of workers holds them. In a group
+  (``serve --workers N``) the supervisor keeps the one ledger and answers each worker's
+  questions; it also knows which worker holds which slot, so a worker that dies gives
+  all of its slots back at once (``forget``).
 - ``client_address``: the peer address, or, behind a configured trusted reverse proxy,
   the nearest address in ``X-Forwarded-For`` that the proxies did not add themselves.
 """
@@ -149,6 +153,66 @@ class StreamSlots:
             # No zero entries: keys minted by token holders must not accumulate.
             del self._by_key[key]
         self.held -= 1
+
+
+class Ledger:
+    """Stream slots and login buckets, for one process or a whole group of workers.
+
+    ``holder`` says which worker took a slot (0 in a process of its own). Each answer
+    is decided at once, in one place, so a burst spread over several workers cannot
+    slip past a cap either.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_streams_per_key: int,
+        max_streams: int,
+        login_attempts_per_address: int,
+        login_failures_per_key: int,
+        login_window: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.slots = StreamSlots(max_streams_per_key, max_streams)
+        self.per_address = RateLimiter(login_attempts_per_address, login_window, clock=clock)
+        self.per_key = RateLimiter(login_failures_per_key, login_window, clock=clock)
+        self._held: dict[int, Counter[str]] = {}
+
+    def acquire(self, key: str, holder: int = 0) -> None:
+        """A stream slot for ``key``, or ``StreamLimitExceeded``."""
+        self.slots.acquire(key)
+        self._held.setdefault(holder, Counter())[key] += 1
+
+    def release(self, key: str, holder: int = 0) -> None:
+        held = self._held.get(holder)
+        if held is None or held[key] <= 0:
+            return  # not this holder's (it was forgotten): nothing to give back
+        held[key] -= 1
+        if not held[key]:
+            del held[key]
+        self.slots.release(key)
+
+    def forget(self, holder: int) -> int:
+        """Give back every slot ``holder`` holds (a worker died); how many there were."""
+        held = self._held.pop(holder, Counter())
+        for key, count in held.items():
+            for _ in range(count):
+                self.slots.release(key)
+        return held.total()
+
+    def login_attempt(self, address: str) -> float:
+        """Count a login attempt from ``address``, or say how long it must wait first."""
+        wait = self.per_address.retry_after(address)
+        if not wait:
+            self.per_address.take(address)
+        return wait
+
+    def login_wait(self, access_key: str) -> float:
+        """How long logins for ``access_key`` must wait (0.0: they may go ahead)."""
+        return self.per_key.retry_after(access_key)
+
+    def login_failed(self, access_key: str) -> None:
+        self.per_key.take(access_key)
 
 
 def parse_networks(values: Iterable[str]) -> tuple[IPNetwork, ...]:

@@ -3,14 +3,23 @@
 The hot path only bumps plain integers on the hub and the bridge; this collector turns
 them into metric families when Prometheus asks. The delivery-latency histogram is the
 one metric observed as it happens (once per write, not per event), into plain counts.
+
+A group of workers (``serve --workers N``) answers one ``/metrics`` for all of them
+(``group_view``): each worker's families as plain data (``snapshot``), summed by
+``merge`` (gauges too, except the few in ``LOWEST``), rendered by ``render``. No
+``worker`` label: a dashboard built on one process's metrics reads a group's the same
+way and counts nothing twice. Every worker has its own upstream subscription, so the
+families in ``PER_WORKER`` (each upstream event counted once by every worker) are
+reported per worker: the group's sum divided by its workers. A worker that dies
+leaves its counters behind (``monotonic``) so that the group's never go down.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Iterator
-from typing import Final
+from collections.abc import Iterable, Iterator
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -20,6 +29,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from .hub import Hub
 from .payloads import Payload
@@ -73,6 +83,120 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def snapshot(self) -> Snapshot:
+        return snapshot(self.registry)
+
+
+# --- A group's metrics: families as plain data, merged across workers ---------------------
+
+# [{"name", "type", "help", "samples": [[sample name, {label: value}, value], ...]}, ...]:
+# what a worker reports to its supervisor (JSON).
+Snapshot = list[dict[str, Any]]
+# Gauges whose group value is the lowest of the workers' rather than their sum: the
+# group's upstream is live (1) only when every worker's stream is.
+LOWEST: Final = frozenset({"kep_upstream_live"})
+# Counted once per upstream event by every worker (each has its own subscription): a
+# group reports them per worker, so their rate is the upstream's, as with one process.
+PER_WORKER: Final = frozenset(
+    {"kep_upstream_events", "kep_upstream_malformed_events", "kep_events_published"}
+)
+# Families that only ever grow: a dead worker's last values stay in the group's.
+_MONOTONIC: Final = frozenset({"counter", "histogram", "summary"})
+
+
+def snapshot(registry: CollectorRegistry) -> Snapshot:
+    return [
+        {
+            "name": family.name,
+            "type": family.type,
+            "help": family.documentation,
+            "samples": [[s.name, dict(s.labels), s.value] for s in family.samples],
+        }
+        for family in registry.collect()
+    ]
+
+
+def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
+    """One family per name, each sample the sum over ``snapshots`` (``LOWEST``: the
+    minimum), in the order they first appear (a histogram's buckets stay in order)."""
+    heads: dict[str, dict[str, Any]] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for snap in snapshots:
+        for family in snap:
+            name = family["name"]
+            if name not in heads:
+                heads[name] = {k: family[k] for k in ("name", "type", "help")}
+                values[name] = {}
+            samples = values[name]
+            for sample_name, labels, value in family["samples"]:
+                key = (sample_name, tuple(sorted(labels.items())))
+                if key not in samples:
+                    samples[key] = value
+                elif name in LOWEST:
+                    samples[key] = min(samples[key], value)
+                else:
+                    samples[key] += value
+    return [
+        heads[name] | {"samples": [[s, dict(labels), v] for (s, labels), v in samples.items()]}
+        for name, samples in values.items()
+    ]
+
+
+def monotonic(snap: Snapshot) -> Snapshot:
+    """The families that only ever grow (what a dead worker leaves to its group)."""
+    return [family for family in snap if family["type"] in _MONOTONIC]
+
+
+def group_view(
+    retired: Snapshot, workers: Iterable[Snapshot], configured: int, running: int, restarts: int
+) -> Snapshot:
+    """The group's ``/metrics``: what dead workers left (``retired``) and every live
+    worker's last report, merged; ``PER_WORKER`` families divided by the configured
+    workers (constant for the group's life, so they stay counters); the group's own."""
+    merged = merge([retired, *workers])
+    for family in merged:
+        if family["name"] in PER_WORKER:
+            family["samples"] = [[s, labels, v / configured] for s, labels, v in family["samples"]]
+    return merged + _group_families(configured, running, restarts)
+
+
+def _group_families(configured: int, running: int, restarts: int) -> Snapshot:
+    return [
+        {
+            "name": "kep_workers",
+            "type": "gauge",
+            "help": "Worker processes serving (serve --workers), by state.",
+            "samples": [
+                ["kep_workers", {"state": "configured"}, configured],
+                ["kep_workers", {"state": "running"}, running],
+            ],
+        },
+        {
+            "name": "kep_worker_restarts",
+            "type": "counter",
+            "help": "Worker processes that died and were started again.",
+            "samples": [["kep_worker_restarts_total", {}, restarts]],
+        },
+    ]
+
+
+class _Snapshot(Collector):
+    def __init__(self, snap: Snapshot) -> None:
+        self._snap = snap
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._snap:
+            metric = Metric(family["name"], family["help"], family["type"])
+            metric.samples = [Sample(s, labels, v) for s, labels, v in family["samples"]]
+            yield metric
+
+
+def render(snap: Snapshot) -> bytes:
+    """Prometheus text for a snapshot (``merge``'s result)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot(snap))
+    return generate_latest(registry)
 
 
 class _Collector(Collector):

@@ -161,7 +161,10 @@ DOCUMENT: dict[str, Any] = {
         },
         "/healthz": {
             "get": {
-                "summary": "The process is alive",
+                "summary": "The process (or its group of workers) is alive",
+                "description": "With `server.workers` above 1, the answer names the worker "
+                "that gave it and counts the group's workers; it is 503 when the worker "
+                "cannot reach its supervisor.",
                 "security": [],
                 "responses": {
                     "200": {
@@ -171,17 +174,26 @@ DOCUMENT: dict[str, Any] = {
                                 "schema": {
                                     "type": "object",
                                     "required": ["status"],
-                                    "properties": {"status": {"const": "ok"}},
+                                    "properties": {
+                                        "status": {"const": "ok"},
+                                        "worker": {"type": "integer", "minimum": 1},
+                                        "workers": {"$ref": "#/components/schemas/Workers"},
+                                    },
+                                    "additionalProperties": False,
                                 }
                             }
                         },
-                    }
+                    },
+                    "503": _error(
+                        "A worker of a group that cannot reach its supervisor "
+                        "(`supervisor-unavailable`)"
+                    ),
                 },
             }
         },
         "/readyz": {
             "get": {
-                "summary": "The upstream stream is live",
+                "summary": "The upstream stream is live (with several workers: in every one)",
                 "security": [],
                 "responses": {
                     "200": {
@@ -193,10 +205,17 @@ DOCUMENT: dict[str, Any] = {
                         },
                     },
                     "503": {
-                        "description": "The upstream stream is not live",
+                        "description": "The upstream stream is not live (or, in a group, "
+                        "not in every worker; or the worker cannot reach its supervisor: "
+                        "an Error, `supervisor-unavailable`)",
                         "content": {
                             "application/json": {
-                                "schema": {"$ref": "#/components/schemas/Readiness"}
+                                "schema": {
+                                    "oneOf": [
+                                        {"$ref": "#/components/schemas/Readiness"},
+                                        _ERROR_REF,
+                                    ]
+                                }
                             }
                         },
                     },
@@ -305,6 +324,20 @@ DOCUMENT: dict[str, Any] = {
                 "properties": {
                     "status": {"enum": ["ready", "upstream-unavailable"]},
                     "upstream": {"type": "boolean"},
+                    "workers": {"$ref": "#/components/schemas/Workers"},
+                },
+                "additionalProperties": False,
+            },
+            "Workers": {
+                "description": "A group's worker processes (`server.workers` above 1): "
+                "configured, running (serving) and, in readiness, how many of those have a "
+                "live upstream stream.",
+                "type": "object",
+                "required": ["configured", "running"],
+                "properties": {
+                    "configured": {"type": "integer", "minimum": 2},
+                    "running": {"type": "integer", "minimum": 0},
+                    "upstream_live": {"type": "integer", "minimum": 0},
                 },
                 "additionalProperties": False,
             },

@@ -13,17 +13,15 @@ from quart import Blueprint, Response, request
 
 from . import __version__
 from .errors import json_text
+from .group import Shared
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import Metrics
 from .openapi import DOCUMENT as OPENAPI
-from .upstream import UpstreamBridge
 from .web import prefers_html, ui_response
 
 
-def ops_blueprint(
-    *, api_version: str, bridge: UpstreamBridge, metrics: Metrics, serve_metrics: bool
-) -> Blueprint:
-    """``serve_metrics``: whether ``/metrics`` is on this listener (not a separate bind)."""
+def ops_blueprint(*, api_version: str, shared: Shared, serve_metrics: bool) -> Blueprint:
+    """``serve_metrics``: whether ``/metrics`` is on this listener (not a separate bind).
+    Health, readiness and metrics are the process's, or its group's (group.py)."""
     bp = Blueprint("ops", __name__)
     version = {"version": api_version, "manager": "kernel-events-proxy", "proxy": __version__}
 
@@ -45,21 +43,21 @@ def ops_blueprint(
         return OPENAPI
 
     @bp.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        return {"status": "ok"}
+    async def healthz() -> Response:
+        return _json(*await shared.health())
 
     @bp.get("/readyz")
     async def readyz() -> Response:
-        live = bridge.live
-        body = {"status": "ready" if live else "upstream-unavailable", "upstream": live}
-        return Response(
-            json_text(body), status=200 if live else 503, content_type="application/json"
-        )
+        return _json(*await shared.readiness())
 
     if serve_metrics:
 
         @bp.get("/metrics")
         async def metrics_endpoint() -> Response:
-            return Response(metrics.render(), content_type=METRICS_CONTENT_TYPE)
+            return Response(await shared.metrics(), content_type=METRICS_CONTENT_TYPE)
 
     return bp
+
+
+def _json(status: int, body: dict[str, Any]) -> Response:
+    return Response(json_text(body), status=status, content_type="application/json")

@@ -3,6 +3,10 @@
 ``run_proxy`` owns everything it starts. Shutdown: stop accepting, send
 ``server_close`` to every client, give them ``graceful_timeout`` to read it, then
 cancel the upstream subscription (which reaches ``call.cancel()``).
+
+As a worker of a group (supervisor.py), the same process serves the listening sockets
+its supervisor made and passed down, asks the group for limits, metrics and health
+(group.py), and shuts down when the supervisor goes away.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from prometheus_client import make_asgi_app
 from . import direct
 from .app import create_app
 from .config import ConfigError, Settings, load_keypairs_file
+from .group import WorkerGroup, metrics_asgi
 from .hub import Hub
 from .keys import KeyStore
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .upstream import UpstreamBridge
 
@@ -158,10 +164,12 @@ _json_framing_errors()
 direct.install()
 
 
-def hypercorn_config(settings: Settings) -> HypercornConfig:
+def hypercorn_config(settings: Settings, inherited: list[int] | None = None) -> HypercornConfig:
+    """``inherited``: listening sockets' descriptors to serve instead of binding (a
+    group's worker; its supervisor made them with this same config)."""
     config = _Config()
     config.write_timeout = settings.server.write_timeout
-    config.bind = [settings.server.bind]
+    config.bind = [f"fd://{fd}" for fd in inherited] if inherited else [settings.server.bind]
     config.graceful_timeout = settings.server.graceful_timeout
     # Reconnect storms (a replica died, its clients arrive at once) overflow a short
     # accept queue into connection resets.
@@ -192,13 +200,17 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
 
 
 async def run_proxy(
-    settings: Settings, *, task_status: trio.TaskStatus[RunningProxy] = trio.TASK_STATUS_IGNORED
+    settings: Settings,
+    *,
+    group: WorkerGroup | None = None,
+    task_status: trio.TaskStatus[RunningProxy] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Serve until shut down; ``group``: as one worker of a group (supervisor.py)."""
     hub = Hub(history_size=settings.server.history_size, outbox_limit=settings.server.outbox_limit)
     bridge = UpstreamBridge(settings.upstream, hub, state=settings.state)
     metrics = Metrics(hub, bridge)
     keys = KeyStore(settings.keypair_index())
-    app = create_app(settings, hub, bridge, metrics, keys)
+    app = create_app(settings, hub, bridge, metrics, keys, shared=group)
     stop = trio.Event()
     reload_requests = trio.Event()
 
@@ -212,7 +224,7 @@ async def run_proxy(
         async def serve_then_stop(*, task_status: trio.TaskStatus[list[str]]) -> None:
             await serve(
                 app,
-                hypercorn_config(settings),
+                hypercorn_config(settings, group.listen if group else None),
                 shutdown_trigger=shutdown_trigger,
                 task_status=task_status,
             )
@@ -220,17 +232,24 @@ async def run_proxy(
 
         nursery.start_soon(bridge.run)
         nursery.start_soon(hub.run_heartbeats, settings.server.heartbeat_interval)
+        if group is not None:
+            nursery.start_soon(_follow_supervisor, group, bridge, metrics, stop)
         if settings.auth.keypairs_file is not None:
             nursery.start_soon(_watch_keypairs, settings, keys, hub, lambda: reload_requests)
         binds: list[str] = await nursery.start(partial(serve_then_stop))
         metrics_url = None
         if settings.server.metrics_bind is not None:
-            metrics_config = hypercorn_config(settings)
-            metrics_config.bind = [settings.server.metrics_bind]
+            if group is None:
+                metrics_config = hypercorn_config(settings)
+                metrics_config.bind = [settings.server.metrics_bind]
+                metrics_app = make_asgi_app(metrics.registry)
+            else:
+                metrics_config = hypercorn_config(settings, group.metrics_listen)
+                metrics_app = metrics_asgi(group.metrics, METRICS_CONTENT_TYPE)
             metrics_binds: list[str] = await nursery.start(
                 partial(
                     serve,
-                    make_asgi_app(metrics.registry),
+                    metrics_app,
                     metrics_config,
                     shutdown_trigger=stop.wait,
                 )
@@ -247,6 +266,16 @@ async def run_proxy(
         )
 
 
+async def _follow_supervisor(
+    group: WorkerGroup, bridge: UpstreamBridge, metrics: Metrics, stop: trio.Event
+) -> None:
+    """Answer the supervisor's questions; when it is gone, this worker shuts down too."""
+    await group.run(lambda: {"live": bridge.live, "metrics": metrics.snapshot()})
+    if not stop.is_set():
+        log.warning("the supervisor is gone: shutting down")
+        stop.set()
+
+
 KEYPAIRS_POLL = 1.0
 
 
@@ -261,10 +290,14 @@ async def _watch_keypairs(
     }
     last = _mtime(path)
     while True:
+        # The request being waited for: a request replaces it with a fresh event, so
+        # asking for the current one after waking would miss it (a SIGHUP with the file's
+        # mtime unchanged did nothing).
+        requested = reload_requested()
         with trio.move_on_after(KEYPAIRS_POLL):
-            await reload_requested().wait()
+            await requested.wait()
         current = _mtime(path)
-        if current == last and not reload_requested().is_set():
+        if current == last and not requested.is_set():
             continue
         last = current
         try:

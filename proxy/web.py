@@ -31,7 +31,8 @@ from werkzeug.http import parse_accept_header
 
 from .config import SESSION_MODE_TEXT, JwtSettings, SessionSettings, session_mode
 from .errors import RequestError
-from .limits import RateLimiter, retry_after_header
+from .group import Shared
+from .limits import retry_after_header
 from .policy import Principal
 from .sessions import (
     MAX_LOGIN_BODY,
@@ -187,15 +188,15 @@ def _add_vary(response: Response, names: Iterable[str]) -> None:
 
 @dataclass(frozen=True)
 class LoginLimits:
-    """How much login guessing is tolerated (``[limits]``; see ``limits.RateLimiter``).
+    """How much login guessing is tolerated (``[limits]``; see ``limits.Ledger``).
 
     Every attempt counts against the client's address; only failed ones against the
     access key, so its owner can still sign in while nobody is guessing at it. Unknown
     access keys are tracked like real ones: a 429 says nothing about which keys exist.
+    The buckets are the process's, or its group's (``shared``).
     """
 
-    per_address: RateLimiter
-    per_key: RateLimiter
+    shared: Shared
     body_timeout: float
     client: Callable[[], str]  # the requesting client's address
 
@@ -296,23 +297,22 @@ def browser_blueprint(
         if codec is None:
             raise sign_in_off()
         address = login_limits.client()
-        wait = login_limits.per_address.retry_after(address)
+        wait = await login_limits.shared.login_attempt(address)
         if wait:
             log.info("login refused: too many attempts from %s", address)
             raise too_many("too-many-attempts", "too many login attempts from this address", wait)
-        login_limits.per_address.take(address)
         try:
             credentials = parse_login(await read_body(), request.headers.get("Content-Type"))
         except LoginRequestError as exc:
             raise RequestError(exc.status, exc.error, exc.detail) from None
-        wait = login_limits.per_key.retry_after(credentials.access_key)
+        wait = await login_limits.shared.login_wait(credentials.access_key)
         if wait:
             log.info("login refused: too many failures for %s", credentials.access_key[:128])
             raise too_many("too-many-failures", "too many failed logins for this access key", wait)
         try:
             keypair = check_credentials(credentials.access_key, credentials.secret_key, lookup)
         except AuthError as exc:
-            login_limits.per_key.take(credentials.access_key)
+            login_limits.shared.login_failed(credentials.access_key)
             on_auth_failure(exc.reason)
             log.info("login failure (%s) from %s", exc.reason, address)
             raise RequestError(401, exc.reason, exc.message) from None

@@ -5,17 +5,30 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import trio
+import trustme
 
 from proxy.config import Settings
 from proxy.server import RunningProxy, run_proxy
 from proxy.upstream_server import EventLog, UpstreamServer
 
 from .helpers import ALL_KEYS, EVENTS_PATH, Key, SSEReader, query, signed_headers, wait_until
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> tuple[trustme.CA, Path, Path]:
+    """A CA, and a certificate and key it signed for 127.0.0.1 (TLS, HTTP/2)."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(certfile))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    return ca, certfile, keyfile
 
 
 @pytest.fixture

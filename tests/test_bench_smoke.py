@@ -1,10 +1,9 @@
 """The benchmark harness at a tiny scale, so that it cannot rot (docs/benchmarks.md).
 
-Runs ``python -m bench.run --smoke`` against this proxy, the bare gRPC drain and the
-send floor (the systems that need no bench-only package) with real processes on
-loopback, and
-checks that every scenario produced sane numbers. The real benchmark is
-``make bench``; it is never part of ``make test``.
+Runs ``python -m bench.run --smoke`` against this proxy (with one worker and with two),
+the bare gRPC drain and the send floor (the systems that need no bench-only package)
+with real processes on loopback, and checks that every scenario produced sane numbers.
+The real benchmark is ``make bench``; it is never part of ``make test``.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ def test_bench_harness_smoke(tmp_path: Path) -> None:
             "bench.run",
             "--smoke",
             "--systems",
-            "proxy,grpc,floor",
+            "proxy,proxy2,grpc,floor",
             "--out",
             str(out),
             "--no-plot",
@@ -42,7 +41,7 @@ def test_bench_harness_smoke(tmp_path: Path) -> None:
     doc: dict[str, Any] = json.loads((out / "results.json").read_text())
     scale = doc["scale"]
     assert not doc["notes"], doc["notes"]
-    proxy, grpc, floor = (doc["results"][k] for k in ("proxy", "grpc", "floor"))
+    proxy, proxy2, grpc, floor = (doc["results"][k] for k in ("proxy", "proxy2", "grpc", "floor"))
 
     ingest = proxy["ingest"]
     assert ingest["complete"]
@@ -84,6 +83,22 @@ def test_bench_harness_smoke(tmp_path: Path) -> None:
     assert churn["failed"] == 0
     assert churn["cycles_per_s"] > 0
 
+    # The storm: every client back, nothing lost or twice, with one worker and two.
+    for system in (proxy, proxy2):
+        storm = system["storm"]
+        assert storm["reconnected"] == scale["storm_clients"], storm
+        assert storm["failed"] == 0
+        assert storm["events_sent"] > 0
+        assert (storm["lost"], storm["duplicated"]) == (0, 0), storm
+        assert storm["storming"]["clients"] == scale["storm_clients"]
+        assert storm["staying_tally"]["clients"] == scale["storm_staying"]
+        assert 0 < storm["readmit_s"] < 60
+        assert storm["sut_cpu_s"] >= 0
+    # Two workers: fan-out and churn too, and only those three scenarios.
+    assert set(proxy2) == {"fanout", "churn", "storm"}
+    assert proxy2["fanout"]["latency"]["complete"]
+    assert proxy2["churn"]["failed"] == 0
+
     # The floor runs the fan-out scenario only, and its p99 stands beside the target's.
     assert set(floor) - {"skipped"} == {"fanout"}, floor
     assert floor["fanout"]["latency"]["complete"]
@@ -100,9 +115,12 @@ def test_bench_harness_smoke(tmp_path: Path) -> None:
     assert generations["mixed_over_one"] is None or generations["mixed_over_one"] > 0
 
     statuses = {t["name"]: t["status"] for t in doc["targets"]}
-    assert len(statuses) == 9
+    assert len(statuses) == 13
     assert set(statuses.values()) <= {"PASS", "FAIL", "N/A"}
-    assert "| ingest: events/s" in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    assert "| ingest: events/s" in table
+    assert "s until all re-admitted |" in table
+    assert "1b. this proxy, 2 workers" in table
 
 
 def test_loopback_cost_measures_a_send_and_a_recv_per_delivery() -> None:

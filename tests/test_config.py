@@ -15,8 +15,11 @@ from proxy.config import (
     Settings,
     load_settings,
     masked,
+    resolve_workers,
     session_mode,
     settings_from_mapping,
+    settings_from_sources,
+    settings_sources,
 )
 from proxy.policy import Principal, Role
 from proxy.signing import Keypair
@@ -558,3 +561,58 @@ def test_state_section_defaults_and_values() -> None:
 def test_bad_state_settings_name_the_key(data: dict[str, Any], expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):
         settings_from_mapping({"state": data})
+
+
+# --- server.workers ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(1, 1), (4, 4), ("4", 4), (" 2 ", 2), ("auto", "auto"), (256, 256)]
+)
+def test_workers_is_a_count_or_auto(value: object, expected: object) -> None:
+    assert settings_from_mapping({"server": {"workers": value}}).server.workers == expected
+
+
+@pytest.mark.parametrize("value", [0, -1, 257, "0", "four", "Auto", 2.5, True, "", None])
+def test_bad_workers_is_one_error_naming_the_key(value: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        settings_from_mapping({"server": {"workers": value}})
+    message = str(info.value)
+    assert message.startswith("server.workers: ")
+    assert 'or "auto" (one per core)' in message
+    assert ";" not in message  # one error, not one per member of a union
+
+
+def test_workers_from_the_environment_names_the_variable() -> None:
+    assert load_settings(None, {"KEP_SERVER__WORKERS": "auto"}).server.workers == "auto"
+    with pytest.raises(ConfigError, match=r"server\.workers \(from KEP_SERVER__WORKERS\)"):
+        load_settings(None, {"KEP_SERVER__WORKERS": "lots"})
+
+
+def test_auto_workers_is_one_per_core() -> None:
+    assert Settings().server.workers == 1
+    assert resolve_workers("auto", 8) == 8
+    assert resolve_workers("auto", 0) == 1
+    assert resolve_workers(3, 8) == 3
+
+
+def test_sources_are_plain_data_and_each_worker_reads_the_keypairs_file_itself(
+    tmp_path: Path,
+) -> None:
+    """A worker started later must see the file as it is then, not as it was: a key
+    removed since must not come back as if it were configured inline."""
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[[keypairs]]\naccess_key = "AKF"\nsecret_key = "file-secret"\nuser_id = "f"\n')
+    path = tmp_path / "p.toml"
+    path.write_text(
+        f'[auth]\nkeypairs_file = "{keys}"\n'
+        '[[keypairs]]\naccess_key = "AKI"\nsecret_key = "inline-secret"\nuser_id = "i"\n'
+    )
+    sources, origin = settings_sources(path, {"KEP_SERVER__WORKERS": "2"})
+    assert [kp["access_key"] for kp in sources["keypairs"]] == ["AKI"]
+    assert origin == {"server.workers": "KEP_SERVER__WORKERS"}
+    first = settings_from_sources(sources, origin, path)
+    assert [kp.access_key for kp in first.keypairs] == ["AKI", "AKF"]
+    assert first.server.workers == 2
+    keys.write_text("")
+    assert [kp.access_key for kp in settings_from_sources(sources).keypairs] == ["AKI"]

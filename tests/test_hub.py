@@ -177,6 +177,27 @@ def test_resume_ahead_of_this_proxy_skips_what_the_client_has() -> None:
         assert ids(sub.outbox) == ["L:5"]
 
 
+def test_a_storm_of_level_clients_leaving_before_the_next_event_is_forgotten() -> None:
+    """Clients resuming level with this proxy wait for the next publish; those that
+    leave first are dropped from the waiting set (in any order), the rest settle."""
+    hub = Hub(history_size=10, outbox_limit=10)
+    hub.publish("L", [ev(1), ev(2)])
+    with contextlib.ExitStack() as stack:
+        leaving = [contextlib.ExitStack() for _ in range(50)]
+        for exits in leaving:
+            exits.enter_context(hub.subscribe(SUPER, Filters(), after=Cursor("L", 2)))
+        staying = [
+            stack.enter_context(hub.subscribe(SUPER, Filters(), after=Cursor("L", 2)))
+            for _ in range(3)
+        ]
+        for exits in reversed(leaving):
+            exits.close()
+        assert len(hub._pending) == 3
+        hub.publish("L", [ev(3)])
+        assert not hub._pending
+        assert [ids(sub.outbox) for sub in staying] == [["L:3"]] * 3
+
+
 def test_resume_before_first_publish_catches_up_what_this_proxy_never_saw() -> None:
     hub = Hub(history_size=10, outbox_limit=10)
     with hub.subscribe(SUPER, Filters(), after=Cursor("L", 4)) as sub:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from proxy.config import ConfigError, settings_from_mapping
 from proxy.limits import (
     STREAM_RETRY_AFTER,
+    Ledger,
     RateLimiter,
     StreamLimitExceeded,
     StreamSlots,
@@ -194,6 +195,68 @@ def test_a_refusal_takes_no_slot() -> None:
     assert slots.held == 1
     slots.release("AK1")
     slots.acquire("AK1")
+
+
+# --- Ledger (one process's, or a whole group's, held by its supervisor) ------------------
+
+
+def ledger(per_key: int = 2, total: int = 3, attempts: int = 2, failures: int = 2) -> Ledger:
+    return Ledger(
+        max_streams_per_key=per_key,
+        max_streams=total,
+        login_attempts_per_address=attempts,
+        login_failures_per_key=failures,
+        login_window=60.0,
+        clock=Clock(),
+    )
+
+
+def test_caps_hold_for_the_group_whichever_worker_asks() -> None:
+    accounts = ledger(per_key=2, total=3)
+    accounts.acquire("AK1", holder=1)
+    accounts.acquire("AK1", holder=2)
+    with pytest.raises(StreamLimitExceeded) as info:
+        accounts.acquire("AK1", holder=1)
+    assert info.value.error == "too-many-streams"
+    accounts.acquire("AK2", holder=2)
+    with pytest.raises(StreamLimitExceeded) as info:
+        accounts.acquire("AK3", holder=1)
+    assert info.value.error == "server-busy"
+    assert accounts.slots.held == 3
+
+
+def test_a_dead_workers_slots_all_come_back_and_only_its() -> None:
+    accounts = ledger(per_key=5, total=10)
+    for key in ("AK1", "AK1", "AK2"):
+        accounts.acquire(key, holder=1)
+    accounts.acquire("AK1", holder=2)
+    assert accounts.forget(1) == 3
+    assert (accounts.slots.count("AK1"), accounts.slots.count("AK2")) == (1, 0)
+    assert accounts.forget(1) == 0
+    # A late release from the dead worker gives back nothing it no longer holds.
+    accounts.release("AK1", holder=1)
+    assert accounts.slots.count("AK1") == 1
+    accounts.release("AK1", holder=2)
+    assert accounts.slots.held == 0
+
+
+def test_a_release_never_frees_another_holders_slot() -> None:
+    accounts = ledger(per_key=1, total=5)
+    accounts.acquire("AK1", holder=1)
+    accounts.release("AK1", holder=2)
+    with pytest.raises(StreamLimitExceeded):
+        accounts.acquire("AK1", holder=2)
+
+
+def test_login_buckets_count_attempts_then_say_how_long_to_wait() -> None:
+    accounts = ledger(attempts=2, failures=1)
+    assert accounts.login_attempt("10.0.0.1") == 0.0
+    assert accounts.login_attempt("10.0.0.1") == 0.0
+    assert accounts.login_attempt("10.0.0.1") == pytest.approx(30.0)
+    assert accounts.login_attempt("10.0.0.2") == 0.0
+    assert accounts.login_wait("AK1") == 0.0
+    accounts.login_failed("AK1")
+    assert accounts.login_wait("AK1") == pytest.approx(60.0)
 
 
 # --- client_address -----------------------------------------------------------------------

@@ -10,7 +10,6 @@ import h2.config
 import h2.connection
 import h2.events
 import httpx
-import pytest
 import trio
 import trustme
 
@@ -19,16 +18,6 @@ from proxy.upstream_server import UpstreamServer
 
 from ..conftest import make_settings
 from ..helpers import EVENTS_PATH, SUPER, SSEReader, lifecycle, signed_headers, wait_until
-
-
-@pytest.fixture
-def tls(tmp_path: Path) -> tuple[trustme.CA, Path, Path]:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(certfile))
-    cert.private_key_pem.write_to_path(str(keyfile))
-    return ca, certfile, keyfile
 
 
 async def test_more_than_six_streams_on_one_http2_connection(

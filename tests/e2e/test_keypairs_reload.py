@@ -9,11 +9,12 @@ from pathlib import Path
 import httpx
 import trio
 
+from proxy.config import Settings
 from proxy.server import RunningProxy, run_proxy
 from proxy.upstream_server import UpstreamServer
 
 from ..conftest import ProxyUnderTest, make_settings
-from ..helpers import SUPER, Key, lifecycle, signed_headers, wait_for_http, wait_until
+from ..helpers import EVENTS_PATH, SUPER, Key, lifecycle, signed_headers, wait_for_http, wait_until
 from .test_cli import BIN, free_port
 from .test_shutdown_keepalive import config_file
 
@@ -118,3 +119,31 @@ async def test_sighup_reloads_keys_in_a_real_process(
         proc.terminate()
         with trio.fail_after(10):
             await proc.wait()
+
+
+async def test_a_reload_request_rereads_the_file_even_when_its_mtime_did_not_change(
+    tmp_path: Path, upstream: UpstreamServer, nursery: trio.Nursery
+) -> None:
+    """SIGHUP means "read it now": a file replaced with its old mtime kept (``cp -p``,
+    config management) is reloaded on request, not only when the poll sees a change."""
+    keys_file = tmp_path / "keys.toml"
+    write_keys(keys_file)
+    before = keys_file.stat()
+    data = make_settings(upstream.target).model_dump(mode="python")
+    data["auth"]["keypairs_file"] = keys_file
+    for kp in data["keypairs"]:
+        kp["secret_key"] = kp["secret_key"].get_secret_value()
+    running: RunningProxy = await nursery.start(run_proxy, Settings.model_validate(data))
+    await wait_until(lambda: running.bridge.live)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as client:
+        proxy = ProxyUnderTest(running, client)
+        write_keys(keys_file, NEW_KEY)
+        os.utime(keys_file, ns=(before.st_atime_ns, before.st_mtime_ns))
+        await trio.sleep(1.5)  # a poll or more: the unchanged mtime alone reloads nothing
+        assert (await proxy.get(NEW_KEY)).status_code == 401
+        running.reload_keys()
+        url = f"{proxy.url}{EVENTS_PATH}"
+        with trio.fail_after(5):
+            while await stream_status(client, url, NEW_KEY) == 401:
+                await trio.sleep(0.05)
+    running.shutdown()

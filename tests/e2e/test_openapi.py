@@ -29,12 +29,13 @@ def check(response: httpx.Response, path: str, method: str = "get") -> None:
     assert documented, f"{method.upper()} {path} -> {response.status_code} is not documented"
     media = response.headers["content-type"].split(";")[0].strip()
     assert media in documented["content"], (media, list(documented["content"]))
-    schema = documented["content"][media]["schema"]
     if media == "application/json":
         resource = Resource.from_contents(DOCUMENT, default_specification=DRAFT202012)
         registry: Registry[Any] = Registry().with_resource("urn:api", resource)
-        if "$ref" in schema:
-            schema = {"$ref": "urn:api" + schema["$ref"]}
+        # The schema where it is in the document, so that its own $refs resolve there.
+        steps = ["paths", path, method, "responses", str(response.status_code), "content"]
+        pointer = "/".join(p.replace("~", "~0").replace("/", "~1") for p in [*steps, media])
+        schema = {"$ref": f"urn:api#/{pointer}/schema"}
         Draft202012Validator(schema, registry=registry).validate(response.json())
 
 
