@@ -248,6 +248,11 @@ class StateSettings(_Section):
     retention: Annotated[float, Field(ge=0, le=30 * 86_400)] = 3600.0
     # Sessions held at most; past it the least recently updated one is forgotten.
     max_entities: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
+    # Keeping the state current costs every published event a fold (a few µs): it is
+    # kept only while used, and dropped this many seconds after the last stream that
+    # followed it or read of it; the next request reads the upstream's snapshot again.
+    # 0: read it at start-up and keep it for good.
+    idle_timeout: Annotated[float, Field(ge=0, le=30 * 86_400)] = 300.0
 
 
 class KeypairSettings(_Section):

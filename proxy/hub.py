@@ -371,6 +371,13 @@ class Hub:
         self.state_stale = False
         self._followers: set[Subscription] = set()
         self.state_writes = 0  # states handed to streams (initial and resync)
+        # Folding every event costs the ingest path (state.py), so the state is kept
+        # only while it is used: past state_idle_timeout seconds without a stream that
+        # follows it or a read of it, it is dropped, and read again from the upstream
+        # when next wanted (on_state_wanted wakes the bridge). 0: kept for good.
+        self.state_idle_timeout = 0.0
+        self._state_used = time.monotonic()
+        self.on_state_wanted: Callable[[], None] | None = None
 
     # -- direct writes -----------------------------------------------------------
 
@@ -459,7 +466,9 @@ class Hub:
                     del buckets[value]
             if sub.resume is not None:
                 del self._pending[sub]
-            self._followers.discard(sub)
+            if state:
+                self._followers.discard(sub)
+                self._state_used = time.monotonic()
             sub.outbox.discard()
 
     def _replay(self, sub: Subscription, after: Cursor) -> None:
@@ -671,12 +680,44 @@ class Hub:
             # Owed once the bridge (re)loads the state; until then nothing goes out.
             sub.resync_due, sub.state_write = reason, None
             sub.skip_log, sub.skip_until = self.log_id or "", _ALL
+            self.want_state()
             return
         sub.resync_due = None
         sub.state_write = StateWrite(reason, state.events(), state.log_id, state.sequence)
         sub.skip_log, sub.skip_until = state.log_id, state.sequence
         self.state_writes += 1
         sub.outbox.interrupt()
+
+    def want_state(self) -> None:
+        """Something needs the state now: keep it, or have the bridge read it."""
+        self._state_used = time.monotonic()
+        if self.state is None and not self.state_unavailable:
+            self.state_stale = True  # the bridge reads it at its next round
+            if self.on_state_wanted is not None:
+                self.on_state_wanted()
+
+    @property
+    def state_in_use(self) -> bool:
+        """Is the state kept (followed, read lately, or kept for good)?"""
+        return self.state is not None or not self.state_idle_timeout
+
+    def drop_idle_state(self, now: float) -> bool:
+        """Stop folding a state nothing has used for ``state_idle_timeout`` seconds."""
+        if (
+            self.state is None
+            or not self.state_idle_timeout
+            or self._followers
+            or now - self._state_used < self.state_idle_timeout
+        ):
+            return False
+        self.state = None
+        self.state_stale = False
+        log.info(
+            "state: unused for %.0f s, no longer kept (read from the upstream again when "
+            "a stream asks for initialState)",
+            self.state_idle_timeout,
+        )
+        return True
 
     def _subscriptions(self) -> Iterator[Subscription]:
         for buckets in self._index.values():
@@ -736,6 +777,7 @@ class Hub:
                 outbox.beat(sse.encode_position(position, "ping") if position else PING)
                 outbox.last_activity = now
             self.flush()
+            self.drop_idle_state(now)
 
     def revoke(self, access_keys: set[str]) -> int:
         """Close the streams of credentials that were revoked or changed."""

@@ -147,6 +147,10 @@ class _Pump:
     def _wake(self) -> None:
         self._ready.set()
 
+    def poke(self) -> None:
+        """Wake the consumer with nothing to take (it has other work: see _consume)."""
+        self._ready.set()
+
     def take_nowait(self) -> list[pb.SubscribeResponse]:
         with self._cond:
             items = list(self._items)
@@ -198,6 +202,9 @@ class UpstreamBridge:
         self.malformed = 0
         self.snapshots = 0  # snapshots loaded
         self._no_snapshot_logged = False
+        hub.state_idle_timeout = self._state_settings.idle_timeout
+        self._pump: _Pump | None = None
+        hub.on_state_wanted = self._state_wanted
 
     def _default_channel(self, target: str) -> grpc.Channel:
         s = self._settings
@@ -283,12 +290,14 @@ class UpstreamBridge:
         channel = self._channel_factory(self._settings.target)
         self.connects += 1
         try:
-            await self._load_state(channel)
+            hub = self._hub
+            if hub.state_in_use or hub.state_stale:  # else read when a stream asks for it
+                await self._load_state(channel)
             request = pb.SubscribeRequest(
                 after_sequence=self.sequencer.last, log_id=self.sequencer.log_id or ""
             )
             call = self._subscribe(channel)(request)
-            pump = _Pump(trio.lowlevel.current_trio_token())
+            pump = self._pump = _Pump(trio.lowlevel.current_trio_token())
             error: grpc.RpcError | None = None
             self._attached = False
             async with trio.open_nursery() as nursery:
@@ -382,6 +391,13 @@ class UpstreamBridge:
             self.sequencer.attach(state.log_id, state.sequence)
         self.snapshots += 1
         self._hub.load_state(state)
+
+    def _state_wanted(self) -> None:
+        """The hub wants a state it does not hold: the consumer reads it at once (in
+        its own round, so that nothing is published meanwhile), even with no event
+        arriving to wake it."""
+        if self._pump is not None:
+            self._pump.poke()
 
     async def _snapshot_watchdog(self, call: grpc.Call, started: threading.Event) -> None:
         # As for subscriptions (_attach_watchdog): a peer that never answers is dropped.

@@ -546,6 +546,7 @@ def test_session_mode_names_how_browser_sign_in_works() -> None:
 
 def test_state_section_defaults_and_values() -> None:
     assert (Settings().state.retention, Settings().state.max_entities) == (3600.0, 100_000)
+    assert Settings().state.idle_timeout == 300.0
     state = settings_from_mapping({"state": {"retention": 0, "max_entities": 5}}).state
     assert (state.retention, state.max_entities) == (0.0, 5)
 

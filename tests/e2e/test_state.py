@@ -7,13 +7,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
 from proxy._pb.kernel_events.v1 import events_pb2 as pb
+from proxy.config import Settings
+from proxy.server import RunningProxy, run_proxy
 from proxy.upstream_server import EventLog, UpstreamServer
 
-from ..conftest import started_proxy
+from ..conftest import ProxyUnderTest, make_settings, started_proxy
 from ..helpers import ADMIN, EVENTS_PATH, USER1, USER2, Frame, SSEReader, lifecycle, wait_until
 
 V5_PATH = "/events/session"
@@ -150,13 +153,14 @@ async def test_a_resume_that_can_resume_just_resumes(
     _log_three_sessions(upstream.log)
     log_id = upstream.log.log_id
     async with started_proxy(nursery, upstream.target) as proxy:
-        await wait_until(lambda: proxy.running.hub.state is not None)
         upstream.log.append([lifecycle("session_terminated", "b", USER2)])
         await wait_until(lambda: proxy.running.hub.last_sequence == 6)
         headers = {"Last-Event-ID": f"{log_id}:5"}
         async with proxy.stream(ADMIN, headers, initialState="true") as reader:
             frame = await reader.next()
             assert (frame.event, frame.id) == ("session_terminated", f"{log_id}:6")
+        # Nothing needed a state: the proxy never read one (state.idle_timeout).
+        assert proxy.running.hub.state is None
 
 
 async def test_a_resume_from_a_log_that_is_gone_is_a_resync_not_a_gap(
@@ -195,3 +199,37 @@ async def test_an_upstream_with_a_new_log_resyncs_state_streams(nursery: trio.Nu
             assert (live.event, live.id) == ("session_terminated", f"{second.log.log_id}:2")
         finally:
             second.stop(0)
+
+
+async def test_the_state_is_read_when_asked_kept_while_used_and_dropped_when_idle(
+    upstream: UpstreamServer, nursery: trio.Nursery
+) -> None:
+    # state.idle_timeout: no fold on the ingest path while nobody uses the state; the
+    # first initialState stream has it read from the upstream (no event needs to
+    # arrive for that), and a later one after it was dropped gets it right again.
+    _log_three_sessions(upstream.log)
+    data = make_settings(upstream.target, heartbeat_interval=0.2).model_dump(mode="python")
+    data["state"] = {"idle_timeout": 0.5}
+    running: RunningProxy = await nursery.start(run_proxy, Settings.model_validate(data))
+    await wait_until(lambda: running.bridge.live)
+    hub = running.hub
+    assert hub.state is None  # nobody asked
+    async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)) as client:
+        proxy = ProxyUnderTest(running, client)
+        async with proxy.stream(ADMIN, initialState="true") as reader:
+            _, body, end = await _state(reader)
+            assert [f.data["sessionId"] for f in body] == ["b", "a"]
+            assert hub.state is not None
+        # Idle: dropped by the heartbeat sweep; events go on meanwhile, unfolded.
+        await wait_until(lambda: hub.state is None)
+        upstream.log.append([lifecycle("session_terminated", "b", USER2)])
+        await wait_until(lambda: hub.last_sequence == 6)
+        async with proxy.stream(ADMIN, initialState="true") as reader:
+            _, body, end = await _state(reader)
+            assert [(f.event, f.data["sessionId"]) for f in body] == [
+                ("session_started", "a"),
+                ("session_terminated", "b"),
+            ]
+            assert end.id == f"{upstream.log.log_id}:6"
+    assert running.bridge.snapshots == 2
+    running.shutdown()
