@@ -23,9 +23,10 @@ from .eventid import Cursor, InvalidEventId, parse_id
 from .generations import Generation
 from .limits import StreamLimitExceeded, StreamSlots, client_address, parse_networks
 from .metrics import Metrics
-from .policy import PolicyError, Principal
+from .policy import Filters, PolicyError, Principal
 from .sessions import JwtVerifier, SessionCodec, authenticate_browser
 from .signing import AuthError, Keypair, verify
+from .stateread import state_unavailable
 from .stream import StreamPlan
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 MAX_QUERY_FIELDS: Final = 16
 # Parameters every generation takes besides its filters.
 COMMON_PARAMS: Final = frozenset({"lastEventId", "initialState"})
+# The JSON form of the state takes the filters only: it has no position to resume from.
+STATE_PARAMS: Final[frozenset[str]] = frozenset()
 # Headers that authenticate a request must appear once: with two, which one was signed?
 _SINGLE_HEADERS: Final = frozenset(
     {"authorization", "date", "x-backendai-date", "host", "content-type", "x-backendai-version"}
@@ -167,25 +170,39 @@ class Admission:
             log.info("auth failure (%s) from %s", exc.reason, request.remote_addr)
             raise RequestError(401, exc.reason, exc.message) from None
 
-    def open_stream(self, generation: Generation) -> Response:
-        """The events route of one generation: admit the stream, or raise RequestError."""
+    def _parse(
+        self, generation: Generation, common: frozenset[str]
+    ) -> tuple[Principal, dict[str, list[str]], Filters]:
+        """Who asks, and the generation's filters from the query (``common``: the other
+        parameters this route takes besides them)."""
         principal = self.authenticate()
         params = parse_query(request.scope["query_string"])
         try:
-            filters = generation.parse(principal, params, COMMON_PARAMS)
+            filters = generation.parse(principal, params, common)
         except PolicyError as exc:
             raise RequestError(
                 exc.status, "forbidden" if exc.status == 403 else "bad-parameter", exc.message
             ) from None
+        return principal, params, filters
+
+    def _require_state(self) -> None:
+        if not self._state_available():
+            raise state_unavailable()
+
+    def admit_state(self, generation: Generation) -> tuple[Principal, Filters]:
+        """The JSON form of the state (``GET <stream path>/state``): the stream's
+        authentication and filters, and the same refusal without a snapshot."""
+        principal, _, filters = self._parse(generation, STATE_PARAMS)
+        self._require_state()
+        return principal, filters
+
+    def open_stream(self, generation: Generation) -> Response:
+        """The events route of one generation: admit the stream, or raise RequestError."""
+        principal, params, filters = self._parse(generation, COMMON_PARAMS)
         cursor = parse_resume(request.headers.getlist("Last-Event-ID"), params)
         initial_state = parse_initial_state(params)
-        if initial_state and not self._state_available():
-            raise RequestError(
-                503,
-                "state-unavailable",
-                "the upstream offers no snapshot, so no state can be sent (initialState)",
-                {"Retry-After": "30"},
-            )
+        if initial_state:
+            self._require_state()
         self._take_slot(principal)
         # Clients that declare they speak text/event-stream (EventSource always does) get
         # id-only position blocks; the official SDK sends `*/*` and would turn such a

@@ -368,7 +368,9 @@ class Hub:
         # Events went missing that the state does not hold: the bridge reloads it.
         self.state_stale = False
         self._followers: set[Subscription] = set()
+        self._state_lot = trio.lowlevel.ParkingLot()  # wait_state: a state is loaded
         self.state_writes = 0  # states handed to streams (initial and resync)
+        self.state_reads = 0  # states given as JSON (GET <stream path>/state)
 
     # -- direct writes -----------------------------------------------------------
 
@@ -634,6 +636,7 @@ class Hub:
         self.state = state
         self.state_unavailable = False
         self.state_stale = False
+        self._state_lot.unpark_all()
         changed = old is not None and old.log_id != state.log_id
         for sub in list(self._followers):
             if sub.resync_due is not None:
@@ -646,6 +649,7 @@ class Hub:
     def no_state(self) -> None:
         """The upstream cannot give a snapshot: streams waiting for one are closed."""
         self.state_unavailable = True
+        self._state_lot.unpark_all()
         for sub in list(self._followers):
             if sub.resync_due is not None:
                 sub.outbox.close("state-unavailable", _server_close_frame("state-unavailable"))
@@ -664,17 +668,33 @@ class Hub:
         sub.outbox.discard()
         sub.catchup = None
         sub.epoch += 1
-        state = self.state
-        if state is None or state.log_id is None or self.state_stale:
+        view = self.state_view(reason)
+        if view is None:
             # Owed once the bridge (re)loads the state; until then nothing goes out.
             sub.resync_due, sub.state_write = reason, None
             sub.skip_log, sub.skip_until = self.log_id or "", _ALL
             return
         sub.resync_due = None
-        sub.state_write = StateWrite(reason, state.events(), state.log_id, state.sequence)
-        sub.skip_log, sub.skip_until = state.log_id, state.sequence
+        sub.state_write = view
+        sub.skip_log, sub.skip_until = view.log_id, view.sequence
         self.state_writes += 1
         sub.outbox.interrupt()
+
+    def state_view(self, reason: str = "initial") -> StateWrite | None:
+        """The state as it is now (a copy of the table's references: the live table
+        moves on), or None while there is none to give: not loaded yet, stale (events
+        went missing that it does not hold), or the upstream has none."""
+        state = self.state
+        if state is None or state.log_id is None or self.state_stale:
+            return None
+        return StateWrite(reason, state.events(), state.log_id, state.sequence)
+
+    async def wait_state(self) -> StateWrite | None:
+        """``state_view`` once there is one (None if the upstream has no snapshot);
+        the caller bounds the wait."""
+        while (view := self.state_view()) is None and not self.state_unavailable:
+            await self._state_lot.park()
+        return view
 
     def _subscriptions(self) -> Iterator[Subscription]:
         for buckets in self._index.values():

@@ -127,6 +127,10 @@ class _Collector(Collector):
             value=hub.state_writes,
         )  # fmt: skip
         yield CounterMetricFamily(
+            "kep_state_reads", "States given as JSON (GET <stream path>/state).",
+            value=hub.state_reads,
+        )  # fmt: skip
+        yield CounterMetricFamily(
             "kep_upstream_events",
             "Events received from the upstream (malformed ones included).",
             value=bridge.received,

@@ -41,7 +41,7 @@ from .hub import (
 from .metrics import Metrics
 from .payloads import JSON_ENCODERS
 from .policy import Filters, Principal, visible
-from .state import EntityKey, select
+from .stateread import STATE_SLICE, choose
 from .upstream import Fetched
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,6 @@ Fetch = Callable[[str, int, int], Awaitable[Fetched]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[Mapping[str, Any]]]
 Write = Callable[[bytes], Awaitable[None]]
-
-# Table events looked at, or state events encoded, between two checkpoints: a few
-# milliseconds of work, so no state write holds the event loop for long.
-STATE_SLICE = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,20 +226,16 @@ class StreamWriter:
         """Write a state: begin, the latest visible event per entity, end (with its
         position). In slices, with checkpoints between them: live events queue
         meanwhile, and a newer state (a resync) ends this one where it is."""
-        principal, filters = sub.principal, sub.filters
-        chosen: dict[EntityKey, Any] = {}
-        table = plan.events
 
         def superseded() -> bool:
             if sub.outbox.closed and sub.state_write is plan:
                 sub.state_write = None  # the stream is ending: the rest is moot
             return sub.state_write is not plan
 
-        for start in range(0, len(table), STATE_SLICE):
-            select(table[start : start + STATE_SLICE], principal, filters, chosen)
-            await trio.lowlevel.checkpoint()
-            if superseded():
-                return
+        filters = sub.filters
+        chosen = await choose(plan, sub.principal, filters, superseded)
+        if chosen is None:
+            return
         encoder = JSON_ENCODERS[filters.payload]
         frames = [state_begin_frame(plan.reason)]
         for event in chosen.values():

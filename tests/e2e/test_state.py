@@ -11,10 +11,12 @@ import pytest
 import trio
 
 from proxy._pb.kernel_events.v1 import events_pb2 as pb
-from proxy.upstream_server import EventLog, UpstreamServer
+from proxy._pb.kernel_events.v1.events_pb2_grpc import KernelEventsServiceServicer
+from proxy.upstream_server import EventLog, KernelEventsServicer, UpstreamServer
 
 from ..conftest import started_proxy
 from ..helpers import ADMIN, EVENTS_PATH, USER1, USER2, Frame, SSEReader, lifecycle, wait_until
+from .test_openapi import check
 
 V5_PATH = "/events/session"
 
@@ -195,3 +197,118 @@ async def test_an_upstream_with_a_new_log_resyncs_state_streams(nursery: trio.Nu
             assert (live.event, live.id) == ("session_terminated", f"{second.log.log_id}:2")
         finally:
             second.stop(0)
+
+
+# --- The JSON form: GET <stream path>/state -------------------------------------------
+
+
+async def test_the_json_form_is_the_streams_state_and_its_position_resumes_the_stream(
+    upstream: UpstreamServer, nursery: trio.Nursery
+) -> None:
+    async with three_sessions(upstream, nursery) as proxy:
+        for path, params in ((EVENTS_PATH, {}), (V5_PATH, {"scope": "*"})):
+            response = await proxy.get(ADMIN, path=f"{path}/state", **params)
+            check(response, f"{path}/state")
+            state = response.json()
+            async with proxy.stream(ADMIN, path=path, initialState="true", **params) as reader:
+                _, body, end = await _state(reader)
+            # The same events, names and data as the stream's state, and its position.
+            assert state["events"] == [{"event": f.event, "data": f.data} for f in body]
+            assert (state["position"], state["entities"]) == (end.id, end.data["entities"])
+        assert len(state["events"]) == 3  # v5: the kernel is an entity of its own
+        metrics = (await proxy.client.get(f"{proxy.url}/metrics")).text
+        assert "kep_state_reads_total 2.0" in metrics
+        # A script resumes the stream from the position: every change after it, once.
+        upstream.log.append([lifecycle("session_terminated", "b", USER2)])
+        log_id = upstream.log.log_id
+        headers = {"Last-Event-ID": state["position"]}
+        async with proxy.stream(ADMIN, headers) as reader:
+            frame = await reader.next()
+            assert (frame.event, frame.id) == ("session_terminated", f"{log_id}:6")
+
+
+async def test_the_json_form_takes_the_streams_filters_and_refuses_in_json(
+    upstream: UpstreamServer, nursery: trio.Nursery
+) -> None:
+    async with three_sessions(upstream, nursery) as proxy:
+        for path in (EVENTS_PATH, V5_PATH):
+            state_path = f"{path}/state"
+            mine = await proxy.get(USER2, path=state_path)
+            check(mine, state_path)
+            names = [
+                e["data"].get("sessionName", e["data"]["sessionId"]) for e in mine.json()["events"]
+            ]
+            assert names == ["b"]
+            refused = [
+                (await proxy.get(None, path=state_path), 401, "missing"),
+                (
+                    await proxy.get(USER1, path=state_path, ownerAccessKey="AKUSER2"),
+                    403,
+                    "forbidden",
+                ),
+                (await proxy.get(ADMIN, path=state_path, lastEventId="x:1"), 400, "bad-parameter"),
+                (
+                    await proxy.get(ADMIN, path=state_path, initialState="true"),
+                    400,
+                    "bad-parameter",
+                ),
+                (await proxy.get(ADMIN, path=state_path, bogus="1"), 400, "bad-parameter"),
+                (await proxy.get(ADMIN, path=state_path, group=""), 400, "bad-parameter"),
+            ]
+            for response, status, error in refused:
+                check(response, state_path)
+                assert (response.status_code, response.json()["error"]) == (status, error)
+        only_b = await proxy.get(ADMIN, path=f"{EVENTS_PATH}/state", sessionId="b",
+                                 ownerAccessKey="AKUSER2")  # fmt: skip
+        assert [e["data"]["sessionId"] for e in only_b.json()["events"]] == ["b"]
+        uuid = await proxy.get(ADMIN, path=f"{V5_PATH}/state", sessionId=UUID_A, scope="kernel")
+        assert [e["event"] for e in uuid.json()["events"]] == ["kernel_terminated"]
+
+
+async def test_a_state_request_while_the_state_is_reloaded_waits_for_it(
+    upstream: UpstreamServer, nursery: trio.Nursery
+) -> None:
+    async with three_sessions(upstream, nursery) as proxy:
+        hub = proxy.running.hub
+        await wait_until(lambda: hub.state is not None)
+        loaded = hub.state
+        assert loaded is not None
+        hub.state_stale = True  # as after a gap the state does not cover
+        got: list[Any] = []
+
+        async def ask() -> None:
+            got.append(await proxy.get(ADMIN, path=f"{EVENTS_PATH}/state"))
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(ask)
+            await trio.sleep(0.2)
+            assert not got
+            hub.load_state(loaded)
+        assert got[0].status_code == 200
+        assert got[0].json()["entities"] == 2
+
+
+async def test_without_a_snapshot_state_is_refused_in_json_and_streams_still_work(
+    monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery
+) -> None:
+    # An upstream from before the Snapshot rpc: it answers UNIMPLEMENTED.
+    monkeypatch.setattr(KernelEventsServicer, "Snapshot", KernelEventsServiceServicer.Snapshot)
+    old = UpstreamServer(EventLog(), "127.0.0.1:0")
+    old.start()
+    try:
+        async with started_proxy(nursery, old.target) as proxy:
+            await wait_until(lambda: proxy.running.hub.state_unavailable)
+            for path in (EVENTS_PATH, V5_PATH):
+                for response in (
+                    await proxy.get(ADMIN, path=f"{path}/state"),
+                    await proxy.get(ADMIN, path=path, initialState="true"),
+                ):
+                    assert response.status_code == 503
+                    assert response.json()["error"] == "state-unavailable"
+                    assert response.headers["Retry-After"] == "30"
+                check(await proxy.get(ADMIN, path=f"{path}/state"), f"{path}/state")
+            async with proxy.stream(ADMIN) as reader:
+                old.log.append([lifecycle("session_started", "a", USER1)])
+                assert (await reader.next()).event == "session_started"
+    finally:
+        old.stop(0)
