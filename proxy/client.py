@@ -1,10 +1,12 @@
 """Client side of the event stream: SSE parsing, signed (re)connection, resume.
 
-This module owns what a consumer of ``GET /stream/kernel/_/events`` has to get right:
-parsing the byte stream into events (``SSEParser``, pure and I/O-free), signing every
-connection the way the Backend.AI SDK does, resuming with ``Last-Event-ID`` after any
-interruption, backing off between attempts, and telling apart errors worth retrying
-(network trouble, 5xx, 429) from errors that will not go away by retrying (4xx).
+This module owns what a consumer of ``GET /stream/kernel/_/events`` (or
+``/events/session``) has to get right: parsing the byte stream into events
+(``SSEParser``, pure and I/O-free), signing every connection the way the Backend.AI SDK
+does, resuming with ``Last-Event-ID`` after any interruption, backing off between
+attempts, telling apart errors worth retrying (network trouble, 5xx, 429) from errors
+that will not go away by retrying (4xx), and, with ``initial_state=True``, marking
+the state and where it ends (never resuming from inside one).
 
 Usage, under Trio (httpx runs on it through anyio)::
 
@@ -28,7 +30,7 @@ from collections.abc import AsyncGenerator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import anyio
 import httpx
@@ -37,11 +39,15 @@ from .signing import sign_headers
 
 log = logging.getLogger(__name__)
 
-STREAM_PATH: Final = "/stream/kernel/_/events"
+STREAM_PATH: Final = "/stream/kernel/_/events"  # API v4
+V5_STREAM_PATH: Final = "/events/session"  # API v5 and later
 API_VERSION: Final = "v4.20190615"
 GAP_EVENT: Final = "stream_gap"
 OVERFLOW_EVENT: Final = "stream_overflow"
 SERVER_CLOSE_EVENT: Final = "server_close"
+STATE_BEGIN_EVENT: Final = "stream_state_begin"
+STATE_END_EVENT: Final = "stream_state_end"
+Api = Literal["v4", "v5"]
 
 # The server sends a heartbeat every 15 s: three missed ones mean the connection is
 # dead even if TCP has not noticed (a half-open connection never errors on its own).
@@ -181,15 +187,53 @@ def _str_or_none(value: Any) -> str | None:
 
 @dataclass(frozen=True)
 class StreamEvent:
-    """An event as the caller sees it. ``id`` is None for stream notices (gaps)."""
+    """An event as the caller sees it. ``id`` is None for stream notices (gaps) and
+    for a state's events.
+
+    With ``initial_state=True`` a state is ``stream_state_begin`` (``is_state_begin``:
+    replace what you hold; ``is_resync`` when it replaces an earlier view), the latest
+    event of every entity (``from_state``: where it stands, not a change), then
+    ``stream_state_end`` (``is_state_end``; its ``id`` is the position, ``entities``
+    how many there were); live changes follow.
+    """
 
     name: str
     data: dict[str, Any]
     id: str | None
+    from_state: bool = False
 
     @property
     def session_id(self) -> str | None:
+        """The data's ``sessionId``: the session's name on v4, its UUID on v5."""
         return _str_or_none(self.data.get("sessionId"))
+
+    @property
+    def session_name(self) -> str | None:
+        """The session's name, on either path (v5's ``sessionName``, v4's ``sessionId``)."""
+        if "sessionName" in self.data:
+            return _str_or_none(self.data["sessionName"])
+        return self.session_id
+
+    @property
+    def is_state_begin(self) -> bool:
+        """A state follows: replace your view with it (``initial_state=True``)."""
+        return self.name == STATE_BEGIN_EVENT
+
+    @property
+    def is_resync(self) -> bool:
+        """A state that replaces a view the stream gave before (instead of a gap)."""
+        return self.is_state_begin and self.data.get("reason") == "resync"
+
+    @property
+    def is_state_end(self) -> bool:
+        """The state is complete; live changes follow from ``id``."""
+        return self.name == STATE_END_EVENT
+
+    @property
+    def entities(self) -> int | None:
+        """On ``stream_state_end``: how many entities the state held."""
+        value = self.data.get("entities") if self.is_state_end else None
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     @property
     def owner_access_key(self) -> str | None:
@@ -277,10 +321,20 @@ class StreamTarget:
 
 
 def build_target(
-    url: str, *, session: str | None = None, owner: str | None = None, group: str | None = None
+    url: str,
+    *,
+    session: str | None = None,
+    owner: str | None = None,
+    group: str | None = None,
+    session_uuid: str | None = None,
+    scope: str | None = None,
+    api: Api = "v4",
+    initial_state: bool = False,
 ) -> StreamTarget:
     """The request for ``url`` (the server's base URL, or the full stream URL).
 
+    ``api``: ``v4`` (``/stream/kernel/_/events``) or ``v5`` (``/events/session``, which
+    also takes a session's UUID and a ``scope``). ``session`` is a session name on both.
     The query is built here, once, and the URL passed to httpx is checked to keep it
     byte for byte: the signature covers the raw target, so any re-encoding on the way
     would make every request fail authentication.
@@ -292,14 +346,22 @@ def build_target(
         raise ValueError("URL must not contain user info: use access and secret keys")
     if parts.query or parts.fragment:
         raise ValueError("URL must not have a query or fragment: pass filters as arguments")
+    filters: tuple[tuple[str, str | None], ...]
+    if api == "v5":
+        stream_path = V5_STREAM_PATH
+        filters = (("sessionName", session), ("ownerAccessKey", owner), ("sessionId", session_uuid),
+                   ("group", group), ("scope", scope))  # fmt: skip
+    elif session_uuid is not None or scope is not None:
+        raise ValueError("a session UUID or a scope needs api='v5' (GET /events/session)")
+    else:
+        stream_path = STREAM_PATH
+        filters = (("sessionId", session), ("ownerAccessKey", owner), ("group", group))
     path = parts.path.rstrip("/")
-    if not path.endswith(STREAM_PATH):
-        path += STREAM_PATH
-    params = [
-        (key, value)
-        for key, value in (("sessionId", session), ("ownerAccessKey", owner), ("group", group))
-        if value is not None
-    ]
+    if not path.endswith(stream_path):
+        path += stream_path
+    params = [(key, value) for key, value in filters if value is not None]
+    if initial_state:
+        params.append(("initialState", "true"))
     query = urllib.parse.urlencode(params, safe="*")
     raw_target = f"{path}?{query}" if query else path
     full = f"{parts.scheme}://{parts.netloc}{raw_target}"
@@ -387,7 +449,7 @@ async def _client_error(response: httpx.Response) -> ClientError:
     )
 
 
-def _to_event(message: SSEMessage) -> StreamEvent | None:
+def _to_event(message: SSEMessage, from_state: bool = False) -> StreamEvent | None:
     try:
         data = json.loads(message.data)
     except ValueError:
@@ -395,7 +457,7 @@ def _to_event(message: SSEMessage) -> StreamEvent | None:
     if not isinstance(data, dict):
         log.warning("skipping event %r: data is not a JSON object", message.event)
         return None
-    return StreamEvent(message.event, data, message.id)
+    return StreamEvent(message.event, data, message.id, from_state)
 
 
 # -- the stream -----------------------------------------------------------------------
@@ -408,6 +470,10 @@ async def stream_events(
     session: str | None = None,
     owner: str | None = None,
     group: str | None = None,
+    session_uuid: str | None = None,
+    scope: str | None = None,
+    api: Api = "v4",
+    initial_state: bool = False,
     last_event_id: str | None = None,
     reconnect: bool = True,
     retry_delay: float = 1.0,
@@ -425,12 +491,28 @@ async def stream_events(
     ``server_close`` ends the iteration, any other end raises StreamInterrupted, and
     an error answer raises ClientError. Heartbeats, ``stream_overflow`` and
     ``server_close`` are handled here and never yielded.
+
+    ``initial_state=True``: the current state first, then changes (see StreamEvent:
+    ``is_state_begin``, ``from_state``, ``is_state_end``), and a resync instead of any
+    gap. A reconnect resumes from the last id as before; one that interrupted a state
+    before its end asks for a fresh state instead (so does StreamInterrupted's
+    ``last_event_id``, None then): the caller replaces its view at the new begin.
     """
-    target = build_target(url, session=session, owner=owner, group=group)
+    target = build_target(
+        url,
+        session=session,
+        owner=owner,
+        group=group,
+        session_uuid=session_uuid,
+        scope=scope,
+        api=api,
+        initial_state=initial_state,
+    )
     backoff = Backoff(retry_delay, max_retry_delay)
     base_delay = backoff.initial
     timeout = httpx.Timeout(_CONNECT_TIMEOUT, read=read_timeout)
     cursor = last_event_id or None
+    in_state = False  # between a stream_state_begin and its end
     failures = 0
     async with AsyncExitStack() as stack:
         client = http_client
@@ -439,6 +521,10 @@ async def stream_events(
         while True:
             why = "the server ended the stream"
             parser: SSEParser | None = None
+            if in_state:
+                # Half a state is no view: resuming from before it would leave the
+                # caller with what the begin told it to drop. A fresh state instead.
+                cursor, in_state = None, False
             headers = request_headers(target, credentials, cursor)
             try:
                 async with client.stream(
@@ -473,7 +559,14 @@ async def stream_events(
                                 if message.event == OVERFLOW_EVENT:
                                     why, stop = "this client was too slow (stream_overflow)", True
                                     break
-                                event = _to_event(message)
+                                if message.event == STATE_BEGIN_EVENT:
+                                    in_state = True
+                                    event = _to_event(message)
+                                elif message.event == STATE_END_EVENT:
+                                    in_state = False
+                                    event = _to_event(message)
+                                else:
+                                    event = _to_event(message, from_state=in_state)
                                 cursor = message.last_event_id or None
                                 if event is not None:
                                     yield event
@@ -483,12 +576,12 @@ async def stream_events(
             except (httpx.TransportError, SSEProtocolError) as exc:
                 why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 if not reconnect:
-                    raise StreamInterrupted(why, cursor) from exc
+                    raise StreamInterrupted(why, None if in_state else cursor) from exc
             else:
                 if not reconnect:
                     if why == SERVER_CLOSE_EVENT:
                         return
-                    raise StreamInterrupted(why, cursor)
+                    raise StreamInterrupted(why, None if in_state else cursor)
             failures += 1
             if parser is not None and parser.retry is not None:
                 # The standard's unit is milliseconds (the SDK's seconds are a bug), and

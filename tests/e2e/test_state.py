@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import pytest
@@ -12,10 +12,12 @@ import trio
 
 from proxy._pb.kernel_events.v1 import events_pb2 as pb
 from proxy._pb.kernel_events.v1.events_pb2_grpc import KernelEventsServiceServicer
+from proxy.client import Credentials, StreamEvent, stream_events
 from proxy.upstream_server import EventLog, KernelEventsServicer, UpstreamServer
 
 from ..conftest import started_proxy
 from ..helpers import ADMIN, EVENTS_PATH, USER1, USER2, Frame, SSEReader, lifecycle, wait_until
+from .test_cli import free_port
 from .test_openapi import check
 
 V5_PATH = "/events/session"
@@ -312,3 +314,76 @@ async def test_without_a_snapshot_state_is_refused_in_json_and_streams_still_wor
                 assert (await reader.next()).event == "session_started"
     finally:
         old.stop(0)
+
+
+# --- proxy.client.stream_events(initial_state=True) against real proxies ---------------
+
+
+class ClientView:
+    """What a consumer of ``stream_events(initial_state=True)`` holds: entity -> the
+    name of its latest event, replaced at every state's begin."""
+
+    def __init__(self) -> None:
+        self.latest: dict[tuple[str | None, str | None], str] = {}
+        self.log: list[StreamEvent] = []
+
+    def apply(self, event: StreamEvent) -> None:
+        self.log.append(event)
+        if event.is_state_begin:
+            self.latest = {}
+        elif not event.is_state_end:
+            self.latest[(event.owner_access_key, event.session_name)] = event.name
+
+
+async def test_the_client_follows_the_state_resumes_across_a_restart_and_resyncs(
+    nursery: trio.Nursery,
+) -> None:
+    first = UpstreamServer(EventLog(), "127.0.0.1:0")
+    first.start()
+    _log_three_sessions(first.log)
+    bind = f"127.0.0.1:{free_port()}"
+    view = ClientView()
+
+    async def consume() -> None:
+        creds = Credentials(ADMIN.access_key, ADMIN.secret_key)
+        events = stream_events(f"http://{bind}", creds, initial_state=True, retry_delay=0.05,
+                               max_retry_delay=0.2)  # fmt: skip
+        async with aclosing(events):
+            async for event in events:
+                view.apply(event)
+
+    second: UpstreamServer | None = None
+    try:
+        async with trio.open_nursery() as run:
+            async with started_proxy(run, first.target, bind=bind):
+                nursery.start_soon(consume)
+                await wait_until(lambda: any(e.is_state_end for e in view.log))
+                assert view.latest == {("AKUSER2", "b"): "session_started",
+                                       ("AKUSER1", "a"): "session_started"}  # fmt: skip
+                assert [e.from_state for e in view.log] == [False, True, True, False]
+                first.log.append([lifecycle("session_terminating", "b", USER2)])
+                await wait_until(lambda: view.latest[("AKUSER2", "b")] == "session_terminating")
+            run.cancel_scope.cancel()  # the proxy goes away; the cluster goes on
+        first.log.append([lifecycle("session_terminated", "b", USER2)])
+        seen = len(view.log)
+        async with started_proxy(nursery, first.target, bind=bind) as proxy:
+            # A resumable reconnect just resumes: the change, live, no state resent.
+            await wait_until(lambda: view.latest[("AKUSER2", "b")] == "session_terminated")
+            assert [(e.name, e.from_state, e.id) for e in view.log[seen:]] == [
+                ("session_terminated", False, f"{first.log.log_id}:7")
+            ]
+            # The upstream comes back with a new log: a resync replaces the view.
+            port = first.port
+            first.stop(0)
+            second = UpstreamServer(EventLog(), f"127.0.0.1:{port}")
+            second.log.append([lifecycle("session_started", "z", USER1)])
+            second.start()
+            await wait_until(lambda: any(e.is_resync for e in view.log))
+            await wait_until(lambda: view.log[-1].is_state_end)
+            assert view.latest == {("AKUSER1", "z"): "session_started"}
+            assert view.log[-1].id == f"{second.log.log_id}:1"
+            assert proxy.running.hub.clients == 1
+    finally:
+        first.stop(0)
+        if second is not None:
+            second.stop(0)
