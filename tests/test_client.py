@@ -716,7 +716,7 @@ def test_tail_run_maps_ctrl_c_to_130(monkeypatch: pytest.MonkeyPatch) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tail, "follow", interrupted)
-    monkeypatch.setattr(tail, "_quiet_client_logging", lambda: None)
+    monkeypatch.setattr(tail, "_quiet_client_logging", lambda *_: None)
     assert tail.run(tail_args()) == 130
 
 
