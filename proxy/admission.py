@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, cast
 from urllib.parse import parse_qs
@@ -33,9 +34,10 @@ log = logging.getLogger(__name__)
 
 MAX_QUERY_FIELDS: Final = 16
 # Parameters every generation takes besides its filters.
-COMMON_PARAMS: Final = frozenset({"lastEventId", "initialState"})
-# The JSON form of the state takes the filters only: it has no position to resume from.
-STATE_PARAMS: Final[frozenset[str]] = frozenset()
+COMMON_PARAMS: Final = frozenset({"lastEventId", "initialState", "withGroup"})
+# The JSON form of the state takes the filters (and the data's shape) only: it has no
+# position to resume from.
+STATE_PARAMS: Final = frozenset({"withGroup"})
 # Headers that authenticate a request must appear once: with two, which one was signed?
 _SINGLE_HEADERS: Final = frozenset(
     {"authorization", "date", "x-backendai-date", "host", "content-type", "x-backendai-version"}
@@ -80,13 +82,14 @@ def parse_resume(header: Sequence[str], params: Mapping[str, Sequence[str]]) -> 
         raise RequestError(400, "bad-last-event-id", str(exc)) from None
 
 
-def parse_initial_state(params: Mapping[str, Sequence[str]]) -> bool:
-    """``initialState``: ``true`` (the state first, resyncs instead of gaps) or ``false``."""
-    values = set(params.get("initialState", ()))
+def parse_flag(params: Mapping[str, Sequence[str]], name: str) -> bool:
+    """A ``true``/``false`` parameter, false when absent: ``initialState`` (the state
+    first, resyncs instead of gaps), ``withGroup`` (``group`` in every event's data)."""
+    values = set(params.get(name, ()))
     if not values:
         return False
     if len(values) > 1 or not values <= {"true", "false"}:
-        raise RequestError(400, "bad-parameter", "parameter 'initialState' must be true or false")
+        raise RequestError(400, "bad-parameter", f"parameter {name!r} must be true or false")
     return values == {"true"}
 
 
@@ -183,6 +186,8 @@ class Admission:
             raise RequestError(
                 exc.status, "forbidden" if exc.status == 403 else "bad-parameter", exc.message
             ) from None
+        if parse_flag(params, "withGroup"):
+            filters = replace(filters, payload=filters.payload.with_group())
         return principal, params, filters
 
     def _require_state(self) -> None:
@@ -200,7 +205,7 @@ class Admission:
         """The events route of one generation: admit the stream, or raise RequestError."""
         principal, params, filters = self._parse(generation, COMMON_PARAMS)
         cursor = parse_resume(request.headers.getlist("Last-Event-ID"), params)
-        initial_state = parse_initial_state(params)
+        initial_state = parse_flag(params, "initialState")
         if initial_state:
             self._require_state()
         self._take_slot(principal)

@@ -51,10 +51,10 @@ STATE_BEGIN_EVENT: Final = "stream_state_begin"
 STATE_END_EVENT: Final = "stream_state_end"
 # Held back until the state is there: every event of the log (skip_until).
 _ALL: Final = 2**64
-_API_LABELS: Final = {payload: payload.name.lower() for payload in Payload}
+_API_LABELS: Final = {payload: payload.generation.name.lower() for payload in Payload}
 # Hub.publish keeps an event's frames in a list indexed by Payload, literally
-# [v4, None]: a third generation must widen it there.
-assert len(Payload) == 2
+# [v4, None, None, None]: another payload must widen it there.
+assert len(Payload) == 4
 
 
 class _Entry(NamedTuple):
@@ -562,9 +562,9 @@ class Hub:
         for event in events:
             if state is not None and event.sequence > state.sequence:
                 state.apply(event)
-            # The history's (and v4's) frame; other generations' on first use.
+            # The history's (and v4's) frame; other payloads' on first use.
             frame = _encode(prefix, event)
-            frames: list[bytes | None] = [frame, None]
+            frames: list[bytes | None] = [frame, None, None, None]
             if keep is not None:
                 keep(_Entry(log_id, event.sequence, event, frame))
             for buckets, field in kinds:

@@ -22,7 +22,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from .hub import Hub
-from .payloads import Payload
+from .payloads import GENERATIONS
 from .policy import Role
 from .upstream import UpstreamBridge
 
@@ -105,7 +105,7 @@ class _Collector(Collector):
         opened = CounterMetricFamily(
             "kep_streams_opened", "Event streams admitted, by API generation.", labels=["api"]
         )
-        for payload in Payload:
+        for payload in GENERATIONS:
             api = payload.name.lower()
             by_api.add_metric([api], hub.clients_by_api.get(api, 0))
             opened.add_metric([api], hub.streams_opened.get(api, 0))

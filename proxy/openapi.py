@@ -34,6 +34,7 @@ EVENT_DATA_SCHEMA: dict[str, Any] = {
         "result": {"enum": ["UNDEFINED", "SUCCESS", "FAILURE"]},
         "kernelId": {"type": "string"},
         "exitCode": {"type": "integer"},
+        "group": {"type": "string", "description": "The session's group (withGroup=true only)."},
     },
     "additionalProperties": False,
 }
@@ -58,8 +59,20 @@ EVENT_DATA_V5_SCHEMA: dict[str, Any] = {
         "kernelId": {"type": ["string", "null"], "description": "kernel_* events only."},
         "clusterRole": {"type": ["string", "null"], "description": "kernel_* events only."},
         "clusterIdx": {"type": "integer", "description": "kernel_* events only; 0 included."},
+        "group": {"type": "string", "description": "The session's group (withGroup=true only)."},
     },
     "additionalProperties": False,
+}
+
+
+WITH_GROUP: dict[str, Any] = {
+    "name": "withGroup",
+    "in": "query",
+    "required": False,
+    "description": "`true`: every event's data also has `group`, the session's group "
+    "(project) name, which the data of neither generation carries otherwise (the "
+    "dashboard asks for it). `false` (default): the data as the generation has it.",
+    "schema": {"enum": ["true", "false"]},
 }
 
 
@@ -97,6 +110,7 @@ def _stream_path(
                     "`false` (default): changes only.",
                     "schema": {"enum": ["true", "false"]},
                 },
+                WITH_GROUP,
                 {
                     "name": "Last-Event-ID",
                     "in": "header",
@@ -167,9 +181,10 @@ def _state_path(summary: str, state_schema: str, filters: list[dict[str, Any]]) 
                 "delivery has, in log order. `position` is the position the state "
                 "reflects: open the stream with it as `Last-Event-ID` (or `lastEventId`) "
                 "to get every change after it, none missing, none repeated. Only the "
-                "filters are taken: `lastEventId` and `initialState` are refused here."
+                "filters and `withGroup` are taken: `lastEventId` and `initialState` are "
+                "refused here."
             ),
-            "parameters": filters,
+            "parameters": [*filters, WITH_GROUP],
             "responses": {
                 "200": {
                     "description": "The state",

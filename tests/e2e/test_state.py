@@ -387,3 +387,31 @@ async def test_the_client_follows_the_state_resumes_across_a_restart_and_resyncs
         first.stop(0)
         if second is not None:
             second.stop(0)
+
+
+async def test_with_group_adds_the_group_to_the_data_only_for_who_asks(
+    upstream: UpstreamServer, nursery: trio.Nursery
+) -> None:
+    async with three_sessions(upstream, nursery) as proxy:
+        for path in (EVENTS_PATH, V5_PATH):
+            plain = (await proxy.get(ADMIN, path=f"{path}/state")).json()["events"]
+            grouped = await proxy.get(ADMIN, path=f"{path}/state", withGroup="true")
+            check(grouped, f"{path}/state")
+            events = grouped.json()["events"]
+            groups = [e["data"].pop("group") for e in events]
+            assert events == plain
+            assert set(groups) <= {"g1", "g7"}
+            async with (
+                proxy.stream(ADMIN, path=path, initialState="true", withGroup="true") as reader,
+                proxy.stream(ADMIN, path=path) as unasked,
+            ):
+                _, body, _ = await _state(reader)
+                shown = {f.data["group"] for f in body}
+                assert "g1" in shown
+                assert shown <= {"g1", "g7"}
+                upstream.log.append([lifecycle("session_started", "c", USER1, group="g7")])
+                live = await reader.next()
+                assert (live.event, live.data["group"]) == ("session_started", "g7")
+                assert "group" not in (await unasked.next()).data
+            bad = await proxy.get(ADMIN, path=path, withGroup="yes")
+            assert (bad.status_code, bad.json()["error"]) == (400, "bad-parameter")
