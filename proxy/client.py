@@ -30,7 +30,7 @@ from collections.abc import AsyncGenerator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypedDict, Unpack
 
 import anyio
 import httpx
@@ -320,25 +320,30 @@ class StreamTarget:
     raw_target: str
 
 
-def build_target(
-    url: str,
-    *,
-    session: str | None = None,
-    owner: str | None = None,
-    group: str | None = None,
-    session_uuid: str | None = None,
-    scope: str | None = None,
-    api: Api = "v4",
-    initial_state: bool = False,
-) -> StreamTarget:
+class Selection(TypedDict, total=False):
+    """What a stream is asked for (each optional): ``session`` (a name), ``owner``,
+    ``group``; ``api``: ``v4`` (``/stream/kernel/_/events``, the default) or ``v5``
+    (``/events/session``, which also takes ``session_uuid`` and ``scope``);
+    ``initial_state``: the state first (``initialState=true``)."""
+
+    session: str | None
+    owner: str | None
+    group: str | None
+    session_uuid: str | None
+    scope: str | None
+    api: Api
+    initial_state: bool
+
+
+def build_target(url: str, **selection: Unpack[Selection]) -> StreamTarget:
     """The request for ``url`` (the server's base URL, or the full stream URL).
 
-    ``api``: ``v4`` (``/stream/kernel/_/events``) or ``v5`` (``/events/session``, which
-    also takes a session's UUID and a ``scope``). ``session`` is a session name on both.
     The query is built here, once, and the URL passed to httpx is checked to keep it
     byte for byte: the signature covers the raw target, so any re-encoding on the way
     would make every request fail authentication.
     """
+    session, owner, group = selection.get("session"), selection.get("owner"), selection.get("group")
+    session_uuid, scope = selection.get("session_uuid"), selection.get("scope")
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"URL must be http:// or https:// with a host, not {url!r}")
@@ -347,7 +352,7 @@ def build_target(
     if parts.query or parts.fragment:
         raise ValueError("URL must not have a query or fragment: pass filters as arguments")
     filters: tuple[tuple[str, str | None], ...]
-    if api == "v5":
+    if selection.get("api") == "v5":
         stream_path = V5_STREAM_PATH
         filters = (("sessionName", session), ("ownerAccessKey", owner), ("sessionId", session_uuid),
                    ("group", group), ("scope", scope))  # fmt: skip
@@ -360,7 +365,7 @@ def build_target(
     if not path.endswith(stream_path):
         path += stream_path
     params = [(key, value) for key, value in filters if value is not None]
-    if initial_state:
+    if selection.get("initial_state"):
         params.append(("initialState", "true"))
     query = urllib.parse.urlencode(params, safe="*")
     raw_target = f"{path}?{query}" if query else path
@@ -467,19 +472,13 @@ async def stream_events(
     url: str,
     credentials: Credentials,
     *,
-    session: str | None = None,
-    owner: str | None = None,
-    group: str | None = None,
-    session_uuid: str | None = None,
-    scope: str | None = None,
-    api: Api = "v4",
-    initial_state: bool = False,
     last_event_id: str | None = None,
     reconnect: bool = True,
     retry_delay: float = 1.0,
     max_retry_delay: float = 30.0,
     read_timeout: float | None = DEFAULT_READ_TIMEOUT,
     http_client: httpx.AsyncClient | None = None,
+    **selection: Unpack[Selection],
 ) -> AsyncGenerator[StreamEvent, None]:
     """Yield events (and ``stream_gap`` notices) from the server, resuming across drops.
 
@@ -492,22 +491,14 @@ async def stream_events(
     an error answer raises ClientError. Heartbeats, ``stream_overflow`` and
     ``server_close`` are handled here and never yielded.
 
+    ``selection``: what to stream (``Selection``: filters, API path, initial state).
     ``initial_state=True``: the current state first, then changes (see StreamEvent:
     ``is_state_begin``, ``from_state``, ``is_state_end``), and a resync instead of any
     gap. A reconnect resumes from the last id as before; one that interrupted a state
     before its end asks for a fresh state instead (so does StreamInterrupted's
     ``last_event_id``, None then): the caller replaces its view at the new begin.
     """
-    target = build_target(
-        url,
-        session=session,
-        owner=owner,
-        group=group,
-        session_uuid=session_uuid,
-        scope=scope,
-        api=api,
-        initial_state=initial_state,
-    )
+    target = build_target(url, **selection)
     backoff = Backoff(retry_delay, max_retry_delay)
     base_delay = backoff.initial
     timeout = httpx.Timeout(_CONNECT_TIMEOUT, read=read_timeout)

@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from datetime import datetime
-from typing import Any, Final, TextIO
+from typing import Any, Final, TextIO, TypeVar
 
 import httpx
 import trio
@@ -30,14 +31,23 @@ _NAME_WIDTH: Final = 19  # fits session_terminating, the longest common name
 _PREFIX: Final = "tail: "
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
+N = TypeVar("N", int, float)
+
+
+def positive(convert: Callable[[str], N], noun: str) -> Callable[[str], N]:
+    """An argparse type: ``convert``'s number, above 0 and finite (``noun``: what it is,
+    for the messages)."""
+
+    def parse(text: str) -> N:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {noun}: {text!r}") from None
+        if not 0 < value < math.inf:
+            raise argparse.ArgumentTypeError(f"must be {noun} above 0")
+        return value
+
+    return parse
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -64,7 +74,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     parser.add_argument(
         "--count",
-        type=_positive_int,
+        type=positive(int, "a whole number"),
         metavar="N",
         help="exit 0 after N events (gaps and the state's begin and end count)",
     )

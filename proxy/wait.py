@@ -38,7 +38,7 @@ import httpx
 import trio
 
 from .client import ClientError, StreamEvent, stream_events
-from .tail import add_connection_args, connection, refused, run_command
+from .tail import add_connection_args, connection, positive, refused, run_command
 
 _PREFIX: Final = "wait: "
 ENDINGS: Final = ("_terminated", "_success", "_failure", "_cancelled")
@@ -197,16 +197,6 @@ def _events(text: str) -> list[str]:
     return names
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError("must be a positive number of seconds")
-    return value
-
-
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "wait",
@@ -229,7 +219,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="e.g. session_started, or kernel_started,session_started",
     )
     parser.add_argument(
-        "--timeout", type=_seconds, metavar="S", help="give up after S seconds (default: never)"
+        "--timeout",
+        type=positive(float, "a number of seconds"),
+        metavar="S",
+        help="give up after S seconds (default: never)",
     )
     add_connection_args(parser)
     parser.add_argument(

@@ -708,7 +708,7 @@ async def test_tail_without_credentials_names_the_flags_and_variables() -> None:
 def test_tail_count_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         tail_args("--count", "0")
-    assert "at least 1" in capsys.readouterr().err
+    assert "must be a whole number above 0" in capsys.readouterr().err
 
 
 def test_tail_run_maps_ctrl_c_to_130(monkeypatch: pytest.MonkeyPatch) -> None:
