@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 TERMINAL_SUFFIXES: Final = ("_terminated", "_success", "_failure", "_cancelled")
 _MAIN_ROLE: Final = "main"
+PRUNE_EVERY: Final = 256
 
 
 class Foldable(Protocol):
@@ -168,6 +169,7 @@ class State(Generic[E]):
         self.evicted = 0  # sessions forgotten because of max_entities
         self.expired = 0  # sessions forgotten after retention
         self._warned = False
+        self._unchecked = 0  # events applied since the clock was last read
 
     def __len__(self) -> int:
         """Sessions held (a session's kernels count with it)."""
@@ -202,11 +204,19 @@ class State(Generic[E]):
         sequence = event.sequence
         session.latest = sequence
         self.sequence = sequence
-        if terminal(event.name):
+        expiry = self._expiry
+        if event.name.endswith(TERMINAL_SUFFIXES):  # terminal(), inlined: every event
             stamp = self._stamp(event) or self._clock()
-            heapq.heappush(self._expiry, (stamp + self.retention, sequence, key))
-        if self._expiry and self._expiry[0][0] <= self._clock():
-            self.prune()
+            heapq.heappush(expiry, (stamp + self.retention, sequence, key))
+        # The clock is read once per PRUNE_EVERY events, not per event: time.time()
+        # costs about a microsecond on some virtual machines, as much as the rest of
+        # apply. Expired sessions linger that many events at most; every read of the
+        # table (events()) prunes first.
+        self._unchecked += 1
+        if self._unchecked >= PRUNE_EVERY and expiry:
+            self._unchecked = 0
+            if expiry[0][0] <= self._clock():
+                self.prune()
 
     def prune(self, now: float | None = None) -> int:
         """Forget sessions whose terminal event is older than the retention."""

@@ -38,6 +38,12 @@ class EventLog:
     is cut off once it is as long as the capacity, so appending stays amortised O(1)
     and reading n events is an O(n) slice wherever the reader is. (A deque's indexing
     costs O(distance from its ends): 3 µs an event for a reader 150,000 events behind.)
+
+    The state table (state.py) is folded from the list lazily: events still in it are
+    folded when a snapshot is read, and before they are cut off or forgotten, never
+    on the append path (reading a protobuf message's fields for the fold costs about
+    2.6 µs an event: folding as it appends throttled every subscriber to about a
+    third of its rate). Each event is folded exactly once, in log order.
     """
 
     def __init__(
@@ -55,11 +61,12 @@ class EventLog:
         self._cond = threading.Condition()
         self._head = 0
         self._closed = False
-        # Where every session stands, at the head: kept as events are appended.
+        # Where every session stands: _events[:_unfolded] are folded into it.
         self.state: State[pb.LifecycleEvent] = State(
             retention=retention, max_entities=max_entities, stamp=_stamp
         )
         self.state.reset(self.log_id, 0)
+        self._unfolded = 0  # index in _events of the first event not folded yet
 
     @property
     def head(self) -> int:
@@ -83,13 +90,21 @@ class EventLog:
                     event.timestamp.FromNanoseconds(int(now * 1e9))
                 kept.append(event)
                 self._head = event.sequence
-                self.state.apply(event)
             self._start = max(self._start, len(kept) - self._capacity)
             if self._start and self._start >= self._capacity:  # amortised: O(1) an event
+                self._fold(self._start)
                 del kept[: self._start]
+                self._unfolded -= self._start
                 self._start = 0
             self._cond.notify_all()
             return self._head
+
+    def _fold(self, until: int) -> None:
+        """Fold ``_events[_unfolded:until]`` into the state (the lock is held)."""
+        apply = self.state.apply
+        for event in self._events[self._unfolded : until]:
+            apply(event)
+        self._unfolded = max(self._unfolded, until)
 
     def forget(self) -> int:
         """Drop every retained event (sequences go on from the head); return how many.
@@ -97,13 +112,15 @@ class EventLog:
         The state stays: it is what a snapshot serves when the events are gone."""
         with self._cond:
             dropped = len(self._events) - self._start
+            self._fold(len(self._events))
             self._events.clear()
-            self._start = 0
+            self._start = self._unfolded = 0
             return dropped
 
     def snapshot(self) -> tuple[int, list[pb.LifecycleEvent]]:
         """The head and the state's events at it, read atomically with appends."""
         with self._cond:
+            self._fold(len(self._events))
             return self._head, list(self.state.snapshot())
 
     def oldest(self) -> int:

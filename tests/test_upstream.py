@@ -19,6 +19,7 @@ from proxy.config import UpstreamSettings
 from proxy.events import MAX_EVENT_BYTES
 from proxy.hub import Hub
 from proxy.policy import Filters, Principal, Role
+from proxy.state import State
 from proxy.upstream import (
     Fetched,
     Gap,
@@ -563,3 +564,45 @@ def test_a_big_snapshot_comes_in_chunks_that_name_one_position() -> None:
         assert sum(len(c.events) for c in chunks) == 5000
     finally:
         server.stop(0)
+
+
+NAMES_FOR_LOG = ["session_started", "kernel_started", "session_terminated", "x_new"]
+
+
+@given(
+    capacity=st.integers(1, 6),
+    steps=st.lists(
+        st.one_of(
+            st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.sampled_from(NAMES_FOR_LOG)),
+                     min_size=1, max_size=8),
+            st.just("snapshot"),
+            st.just("forget"),
+        ),
+        max_size=12,
+    ),
+)  # fmt: skip
+def test_the_lazy_fold_folds_every_event_once_in_order_however_the_log_is_cut(
+    capacity: int, steps: list[list[tuple[str, str]] | str]
+) -> None:
+    # The log folds its state when a snapshot is read and before events are cut or
+    # forgotten, not as it appends: the snapshot must still equal a fold of every
+    # event ever appended (a reference State fed them one by one).
+    log = EventLog(capacity=capacity)
+    reference: State[pb.LifecycleEvent] = State(
+        retention=3600.0, max_entities=1_000_000, stamp=lambda e: 0.0
+    )
+    reference.reset(log.log_id, 0)
+    for step in steps:
+        if step == "snapshot":
+            head, events = log.snapshot()
+            assert head == log.head
+            assert [e.sequence for e in events] == [e.sequence for e in reference.snapshot()]
+        elif step == "forget":
+            log.forget()
+        elif isinstance(step, list):
+            batch = [lifecycle(name, session, USER1) for session, name in step]
+            log.append(batch)
+            for event in batch:
+                reference.apply(event)
+    _, events = log.snapshot()
+    assert [e.sequence for e in events] == [e.sequence for e in reference.snapshot()]
