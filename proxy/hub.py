@@ -510,6 +510,10 @@ class Hub:
         for i in range(start, len(history)):
             entry = history[i]
             if entry.event is None:
+                if sub.follows_state:
+                    # Events after its position may be missing: a state instead.
+                    self._start_state(sub, "resync")
+                    return
                 frames.append(entry.frame)
             elif visible(sub.principal, sub.filters, entry.event):
                 frames.append(

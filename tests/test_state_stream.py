@@ -176,6 +176,16 @@ def test_state_then_changes_equals_the_whole_log_through_restarts_and_new_logs(
     trio.run(scenario, [("connect", None), *ops], principal, filters, history)
 
 
+def test_a_resume_across_a_retained_gap_notice_is_a_resync() -> None:
+    # The history holds the gap of a new log after the client's position: replaying it
+    # would hand a state-following stream a stream_gap (found by the property above).
+    event = Event(0, "session_enqueued", "s1", "", "AK1", "u1", "default", "g1")
+    principal = Principal("AK1", Role.USER, "u1", "default")
+    ops = [("connect", None), ("drop", None), ("publish", [event]), ("new-log", None),
+           ("connect", None)]  # fmt: skip
+    trio.run(scenario, ops, principal, Filters(), 2)
+
+
 def test_an_empty_state_is_begin_then_end() -> None:
     async def main() -> None:
         hub = Hub(history_size=10, outbox_limit=10)
