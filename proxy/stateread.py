@@ -5,27 +5,71 @@ A state holds up to ``state.max_entities`` sessions. Choosing and encoding what 
 caller may see of 100,000 of them takes far longer than the event loop may be held,
 so both walk the table's copy (``Hub.state_view``: references, taken atomically) in
 slices of ``STATE_SLICE`` with a checkpoint between them; live events go on meanwhile.
+
+Many streams writing a state at once (dashboards opening together, or all of them
+resyncing after an upstream's new log) mostly write the same events in the same
+shape: ``StateFrames`` encodes each (event, payload) once for all the writes in
+progress, and forgets everything when the last one ends.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Final
 
 import orjson
 import trio
 
+from . import sse
 from .errors import RequestError
 from .eventid import format_id
 from .events import Event
 from .hub import Hub, StateWrite
-from .payloads import JSON_ENCODERS
+from .payloads import JSON_ENCODERS, Payload
 from .policy import Filters, Principal
 from .state import EntityKey, select
 
 # Table events looked at, or state events encoded, between two checkpoints: a few
 # milliseconds of work, so no state write holds the event loop for long.
 STATE_SLICE: Final = 1000
+
+
+class StateFrames:
+    """A state's SSE frames (no ``id:``), encoded once per event and payload for every
+    state write in progress; held only while one is (a storm's worth, then nothing).
+
+    Keyed by the event's identity (events are immutable; the entry holds the event, so
+    its id cannot be reused while the entry lives)."""
+
+    def __init__(self) -> None:
+        self._frames: dict[tuple[int, Payload], tuple[Event, bytes]] = {}
+        self._writers = 0
+        self.encoded = 0  # frames encoded (not found): how much sharing saved shows here
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """One state write in progress: the frames stay until the last one ends."""
+        self._writers += 1
+        try:
+            yield
+        finally:
+            self._writers -= 1
+            if not self._writers:
+                self._frames.clear()
+
+    def frame(self, event: Event, payload: Payload) -> bytes:
+        key = (id(event), payload)
+        hit = self._frames.get(key)
+        if hit is not None and hit[0] is event:
+            return hit[1]
+        frame = sse.encode_json_event_without_id(event.name, JSON_ENCODERS[payload](event))
+        self._frames[key] = (event, frame)
+        self.encoded += 1
+        return frame
 
 
 def state_unavailable() -> RequestError:

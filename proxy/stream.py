@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -39,9 +39,8 @@ from .hub import (
     state_end_frame,
 )
 from .metrics import Metrics
-from .payloads import JSON_ENCODERS
 from .policy import Filters, Principal, visible
-from .stateread import STATE_SLICE, choose
+from .stateread import STATE_SLICE, StateFrames, choose
 from .upstream import Fetched
 
 log = logging.getLogger(__name__)
@@ -71,6 +70,8 @@ class StreamWriter:
     hub: Hub
     fetch: Fetch
     metrics: Metrics
+    # Encoded state frames shared by the state writes in progress (stateread.py).
+    state_frames: StateFrames = field(default_factory=StateFrames)
 
     async def serve(
         self, plan: StreamPlan, scope: Mapping[str, Any], receive: Receive, send: Send
@@ -225,7 +226,12 @@ class StreamWriter:
     async def _write_state(self, sub: Subscription, plan: StateWrite, write: Write) -> None:
         """Write a state: begin, the latest visible event per entity, end (with its
         position). In slices, with checkpoints between them: live events queue
-        meanwhile, and a newer state (a resync) ends this one where it is."""
+        meanwhile, and a newer state (a resync) ends this one where it is. Frames are
+        shared with the other state writes in progress (``state_frames``)."""
+        with self.state_frames.writing():
+            await self._write_state_frames(sub, plan, write)
+
+    async def _write_state_frames(self, sub: Subscription, plan: StateWrite, write: Write) -> None:
 
         def superseded() -> bool:
             if sub.outbox.closed and sub.state_write is plan:
@@ -236,10 +242,10 @@ class StreamWriter:
         chosen = await choose(plan, sub.principal, filters, superseded)
         if chosen is None:
             return
-        encoder = JSON_ENCODERS[filters.payload]
+        payload, frame = filters.payload, self.state_frames.frame
         frames = [state_begin_frame(plan.reason)]
         for event in chosen.values():
-            frames.append(sse.encode_json_event_without_id(event.name, encoder(event)))
+            frames.append(frame(event, payload))
             if len(frames) >= STATE_SLICE:
                 await write(b"".join(frames))
                 frames = []
