@@ -99,8 +99,18 @@ def test_bench_harness_smoke(tmp_path: Path) -> None:
     assert len(rounds["one"]) == len(rounds["mixed"]) == 3, rounds
     assert generations["mixed_over_one"] is None or generations["mixed_over_one"] > 0
 
+    storm = proxy["dashboard-storm"]
+    assert storm["all_live"], storm
+    assert storm["live"] == storm["connected"] == scale["storm_dashboards"]
+    assert 0 < storm["median_live_s"] <= storm["all_live_s"] < 60
+    # Each dashboard's state: a begin, one event per session, an end.
+    assert storm["state_bytes_per_dashboard"] > 100 * scale["storm_sessions"]
+    assert storm["flow"]["complete"]
+    assert 0 < storm["flow"]["p99_ms"] < 5_000
+    assert storm["rss_loaded_kib"] > 0
+
     statuses = {t["name"]: t["status"] for t in doc["targets"]}
-    assert len(statuses) == 9
+    assert len(statuses) == 11
     assert set(statuses.values()) <= {"PASS", "FAIL", "N/A"}
     assert "| ingest: events/s" in (out / "results.md").read_text()
 
