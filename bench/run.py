@@ -452,16 +452,8 @@ class Bench:
         try:
             connect_s = clients.connect(paths, which="all", start=0, count=n)
             self.pause(1.0)
-            count = int(s.fanout_rate * s.fanout_seconds)
-            lat = self.phase(
-                "fanout-latency",
-                system,
-                clients,
-                {"op": "send", "kind": "all", "count": count, "rate": s.fanout_rate},
-                expected=count * n,
-                per_event=n,
-                send_seconds=s.fanout_seconds,
-                latency=True,
+            lat = self.paced(
+                "fanout-latency", system, clients, n, s.fanout_rate, s.fanout_seconds, latency=True
             )
             if not lat["complete"]:
                 paths = self.restart(system, clients, users=0, route="all", which="all", count=n)
@@ -469,6 +461,33 @@ class Bench:
         finally:
             clients.stop()
         return {"clients": n, "connect_s": connect_s, "latency": lat, "burst": burst}
+
+    def paced(
+        self,
+        name: str,
+        system: System,
+        clients: Clients,
+        n: int,
+        rate: float,
+        seconds: float,
+        *,
+        latency: bool = False,
+        during: Callable[[], None] | None = None,
+    ) -> Json:
+        """A paced phase: ``rate`` events/s for ``seconds``, one per message, to ``n``
+        clients that all see every event."""
+        count = int(rate * seconds)
+        return self.phase(
+            name,
+            system,
+            clients,
+            {"op": "send", "kind": "all", "count": count, "rate": rate},
+            expected=count * n,
+            per_event=n,
+            send_seconds=seconds,
+            latency=latency,
+            during=during,
+        )
 
     def burst(self, name: str, system: System, clients: Clients, n: int) -> Json:
         """The throughput phase: ``fanout_burst`` events as fast as possible to ``n``."""
@@ -503,15 +522,8 @@ class Bench:
                     clients.connect(v4, which="all", start=0, count=half)
                     clients.connect(v5, which="all", start=half, count=n - half)
                     self.pause(0.5)
-                    count = int(s.fanout_rate * seconds)
-                    paced = self.phase(
-                        f"generations-{mode}",
-                        system,
-                        clients,
-                        {"op": "send", "kind": "all", "count": count, "rate": s.fanout_rate},
-                        expected=count * n,
-                        per_event=n,
-                        send_seconds=seconds,
+                    paced = self.paced(
+                        f"generations-{mode}", system, clients, n, s.fanout_rate, seconds
                     )
                     clients.close()
                     if paced["complete"] and paced["cpu_us_per_delivery"] is not None:
@@ -716,18 +728,8 @@ class Bench:
         try:
             others.connect(paths, which="all", start=0, count=s.storm_others)
             self.pause(1.0)
-            count = int(s.storm_rate * s.storm_seconds)
-            flow = self.phase(
-                "dashboard-storm",
-                system,
-                others,
-                {"op": "send", "kind": "all", "count": count, "rate": s.storm_rate},
-                expected=count * s.storm_others,
-                per_event=s.storm_others,
-                send_seconds=s.storm_seconds,
-                latency=True,
-                during=open_dashboards,
-            )
+            flow = self.paced("dashboard-storm", system, others, s.storm_others, s.storm_rate,
+                              s.storm_seconds, latency=True, during=open_dashboards)  # fmt: skip
         finally:
             dashboards.stop()
             others.stop()
