@@ -463,6 +463,12 @@ class Hub:
             sub.outbox.discard()
 
     def _replay(self, sub: Subscription, after: Cursor) -> None:
+        state = self.state
+        if sub.follows_state and state is not None and state.log_id not in (None, after.log_id):
+            # The state is of another log (the upstream started a new one, maybe before
+            # this proxy published anything of it): nothing resumes across that.
+            self._start_state(sub, "resync")
+            return
         if self.log_id is None or (
             after.log_id == self.log_id and after.sequence >= self.last_sequence
         ):

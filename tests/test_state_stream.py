@@ -187,6 +187,16 @@ def test_a_resume_across_a_retained_gap_notice_is_a_resync() -> None:
     trio.run(scenario, ops, principal, Filters(), 2)
 
 
+def test_a_resume_into_a_log_the_state_replaced_is_a_resync_at_once() -> None:
+    # The upstream started a new log; nothing of it was published yet: the client's
+    # old position is not resumed (it would be stale until the new log's first event).
+    event = Event(0, "session_enqueued", "s1", "", "AK1", "u1", "default", "g1")
+    principal = Principal("AK1", Role.USER, "u1", "default")
+    ops = [("connect", None), ("publish", [event]), ("drop", None), ("new-log", None),
+           ("connect", None)]  # fmt: skip
+    trio.run(scenario, ops, principal, Filters(), 0)
+
+
 def test_an_empty_state_is_begin_then_end() -> None:
     async def main() -> None:
         hub = Hub(history_size=10, outbox_limit=10)
