@@ -41,6 +41,10 @@ LIFECYCLE: Final = (
 # Counting deliveries: every event the upstream sends is a lifecycle event.
 DELIVERY_MARK: Final = b"event: kernel_"
 OVERFLOW_MARK: Final = b"event: stream_overflow"
+# A dashboard (initialState=true) is live once its state has ended.
+STATE_END_MARK: Final = b"event: stream_state_end"
+# The dashboard storm's sessions: a group of their own, which its dashboards filter on.
+STORM_GROUP: Final = "storm"
 
 Json = dict[str, Any]
 
@@ -74,6 +78,16 @@ def lifecycle_event(i: int, owner: str, uid: str, reason: str | None = None) -> 
         event.exit_code = 0
     if reason is not None:
         event.reason = reason
+    return event
+
+
+def storm_event(i: int) -> pb.LifecycleEvent:
+    """The ``i``-th session of the dashboard storm, at some step of its lifecycle: one
+    event per session, so the upstream's state holds exactly that many."""
+    event = lifecycle_event(i, ALL_OWNER, ALL_USER_ID)
+    event.session_id = f"storm-{i:06d}"
+    event.kernel_id = f"ks{i:06d}"
+    event.group_name = STORM_GROUP
     return event
 
 

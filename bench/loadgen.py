@@ -17,6 +17,8 @@ Commands: ``connect`` (open N streams and keep them), ``reset`` (zero the counte
 ``Last-Event-ID`` it last saw) and ``tally`` (per client: which events were missed or
 received twice). Streams connected with ``track`` keep the index of every event they
 receive (its ``kernelId``, unique per event of a ``send``) and their last ``id:``.
+``dashboards`` (open N ``initialState=true`` streams at once and keep them; for each,
+the seconds until its ``stream_state_end`` and the bytes of its state).
 Requests to this proxy are signed with ``proxy.signing.sign_headers``, once per
 connection.
 """
@@ -37,6 +39,7 @@ from .common import (
     DELIVERY_MARK,
     HOST,
     OVERFLOW_MARK,
+    STATE_END_MARK,
     SUPER_KEY,
     SUPER_SECRET,
     Json,
@@ -138,10 +141,18 @@ class Track:
 
 
 class StreamClient(asyncio.Protocol):
-    """One held SSE stream: parses the response head, then counts deliveries."""
+    """One held SSE stream: parses the response head, then counts deliveries.
+
+    A dashboard (``live`` given) also counts the body's bytes until its state's end,
+    and sets ``live`` to the time it came."""
 
     def __init__(
-        self, stats: Stats, request: bytes, lost: list[int], track: Track | None = None
+        self,
+        stats: Stats,
+        request: bytes,
+        lost: list[int],
+        track: Track | None = None,
+        live: asyncio.Future[float] | None = None,
     ) -> None:
         self.stats = stats
         self.request = request
@@ -153,6 +164,8 @@ class StreamClient(asyncio.Protocol):
         self.streaming = False  # the response head was read
         self.ready: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.transport: asyncio.Transport | None = None
+        self.live = live
+        self.state_bytes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -186,10 +199,17 @@ class StreamClient(asyncio.Protocol):
         self.stats.on_lines(lines, now)
         if self.track is not None:
             self.track.on_lines(lines)
+        live = self.live
+        if live is not None and not live.done():
+            self.state_bytes += len(lines)
+            if STATE_END_MARK in lines:
+                live.set_result(now)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.ready.done():
             self.ready.set_result(False)
+        if self.live is not None and not self.live.done():
+            self.live.cancel()
         self.lost[0] += 1
 
 
@@ -248,6 +268,8 @@ class LoadGen:
             return await self.storm(cmd)
         if op == "tally":
             return self.tally(int(cmd["count"]))
+        if op == "dashboards":
+            return await self.dashboards(cmd)
         if op == "close":
             for client in self.clients:
                 if client.transport is not None:
@@ -368,6 +390,41 @@ class LoadGen:
             "duplicated_max": max(duplicated, default=0),
             "clients_with_duplicates": with_dups,
             "have_last": have_last,
+        }
+
+    async def dashboards(self, cmd: Json) -> Json:
+        """Open ``count`` streams at once (no concurrency limit: a storm); wait until
+        each one's state has ended (or ``timeout``); keep them open."""
+        port, path, auth = int(cmd["port"]), str(cmd["path"]), str(cmd.get("auth", "none"))
+        start, count = int(cmd.get("start", 0)), int(cmd["count"])
+        timeout = float(cmd.get("timeout", 60))
+        began = time.time()
+        clients = [
+            StreamClient(
+                self.stats,
+                build_request(port, path, auth, i),
+                self.lost,
+                live=self.loop.create_future(),
+            )
+            for i in range(start, start + count)
+        ]
+
+        async def one(client: StreamClient) -> float | None:
+            try:
+                await asyncio.wait_for(self.loop.create_connection(lambda: client, HOST, port), 30)
+                assert client.live is not None
+                return await asyncio.wait_for(client.live, timeout) - began
+            except (OSError, TimeoutError, asyncio.CancelledError):
+                return None
+
+        seconds = await asyncio.gather(*(one(c) for c in clients))
+        self.clients.extend(c for c in clients if c.streaming)
+        live = [(t, c.state_bytes) for t, c in zip(seconds, clients, strict=True) if t is not None]
+        return {
+            "connected": sum(c.streaming for c in clients),
+            "live": len(live),
+            "seconds": [t for t, _ in live],
+            "state_bytes": [b for _, b in live],
         }
 
     async def churn(self, cmd: Json) -> Json:

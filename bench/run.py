@@ -31,6 +31,8 @@ from typing import Any, Final
 
 from . import report
 from .common import (
+    EVENTS_PATH,
+    STORM_GROUP,
     Json,
     cpu_seconds,
     merge_histograms,
@@ -42,6 +44,8 @@ from .procs import ROOT, Child, ChildError, call_all
 from .profiling import Profiler
 from .systems import SYSTEMS, Paths, System
 
+# The dashboard storm comes last: it empties the upstream's state table (its figures
+# are for a state of its own sessions only), which every later proxy would load.
 SCENARIOS: Final = (
     "ingest",
     "fanout",
@@ -50,10 +54,13 @@ SCENARIOS: Final = (
     "churn",
     "generations",
     "storm",
+    "dashboard-storm",
 )
 # The later API generation's path (generations.py): the generations scenario mixes it in.
 V5_PATH: Final = "/events/session"
 GENERATION_ROUNDS: Final = 3
+# What a dashboard opens (proxy/ui/app.js), narrowed to the storm's sessions.
+DASHBOARD_PATH: Final = f"{EVENTS_PATH}?group={STORM_GROUP}&withGroup=true&initialState=true"
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,14 @@ class Scale:
     clients_per_loadgen: int
     settle: float  # multiplies every pause that lets a system settle before measuring
     budget: float  # seconds for the whole run; later scenarios are skipped past it
+    # The dashboard storm: this many dashboards open initialState=true streams at once,
+    # each seeing dash_sessions sessions, while dash_rate events/s flow to
+    # dash_others other clients for dash_seconds.
+    dash_clients: int = 200
+    dash_sessions: int = 5000
+    dash_others: int = 1000
+    dash_rate: float = 100.0
+    dash_seconds: float = 12.0
 
 
 FULL: Final = Scale(
@@ -132,6 +147,10 @@ QUICK: Final = Scale(
     clients_per_loadgen=5000,
     settle=0.25,
     budget=110,
+    dash_clients=50,
+    dash_sessions=2000,
+    dash_others=200,
+    dash_seconds=4.0,
 )
 SMOKE: Final = Scale(
     ingest_events=2000,
@@ -157,6 +176,11 @@ SMOKE: Final = Scale(
     clients_per_loadgen=5000,
     settle=0.1,
     budget=120,
+    dash_clients=4,
+    dash_sessions=50,
+    dash_others=5,
+    dash_rate=50.0,
+    dash_seconds=1.5,
 )
 MODES: Final = {"full": FULL, "quick": QUICK, "smoke": SMOKE}
 
@@ -258,6 +282,26 @@ class Clients:
             out[key] = max(values) if key.endswith("_max") else sum(values)
         return out
 
+    def dashboards(self, paths: Paths, count: int, timeout: float) -> Json:
+        """Open ``count`` dashboards at once, spread over the generators; wait until
+        each is live (its state has ended) or ``timeout``."""
+        k = len(self.children)
+        shares = [count // k + (1 if i < count % k else 0) for i in range(k)]
+        starts = [sum(shares[:i]) for i in range(k)]
+        cmds: list[Json] = [
+            {"op": "dashboards", "port": paths.port, "path": paths.all_path,
+             "auth": paths.auth_all, "start": start, "count": share, "timeout": timeout}
+            for start, share in zip(starts, shares, strict=True)
+        ]  # fmt: skip
+        answers = call_all(self.children, cmds, timeout=timeout + 60)
+        self.held += sum(int(a["connected"]) for a in answers)
+        return {
+            "connected": sum(int(a["connected"]) for a in answers),
+            "live": sum(int(a["live"]) for a in answers),
+            "seconds": sorted(t for a in answers for t in a["seconds"]),
+            "state_bytes": sorted(b for a in answers for b in a["state_bytes"]),
+        }
+
     def stop(self) -> None:
         if not self.drain:
             for child in self.children:
@@ -302,18 +346,12 @@ class Bench:
         hello = self.driver.expect(120)
         return str(hello["target"])
 
-    def clients(self, system: System, connections: int) -> Clients:
+    def clients(self, system: System, connections: int, name: str = "loadgen") -> Clients:
         if system.key == "grpc":
             return Clients(system.procs[:1], drain=True)
         k = max(1, math.ceil(connections / self.scale.clients_per_loadgen))
-        return Clients(
-            [
-                Child(
-                    f"loadgen-{system.key}-{i}", [sys.executable, "-m", "bench.loadgen"], self.logs
-                )
-                for i in range(k)
-            ]
-        )
+        argv = [sys.executable, "-m", "bench.loadgen"]
+        return Clients([Child(f"{name}-{system.key}-{i}", argv, self.logs) for i in range(k)])
 
     def pause(self, seconds: float) -> None:
         time.sleep(seconds * self.scale.settle)
@@ -346,13 +384,19 @@ class Bench:
         per_event: int,
         send_seconds: float,
         latency: bool = False,
+        during: Callable[[], None] | None = None,
     ) -> Json:
-        """Send events, wait until every client got what it should (or time is up)."""
+        """Send events, wait until every client got what it should (or time is up).
+
+        ``during``: run once the send has begun (what the phase measures clients under).
+        """
         assert self.driver is not None
         lg0 = clients.reset(latency)
         cpu0, t0 = system.cpu(), time.time()
         with self.profiled(system, name):
             self.driver.call(send)
+            if during is not None:
+                during()
             deadline = t0 + send_seconds + self.scale.drain_timeout
             state = clients.report()
             while state["deliveries"] < expected and time.time() < deadline:
@@ -459,16 +503,8 @@ class Bench:
         try:
             connect_s = clients.connect(paths, which="all", start=0, count=n)
             self.pause(1.0)
-            count = int(s.fanout_rate * s.fanout_seconds)
-            lat = self.phase(
-                "fanout-latency",
-                system,
-                clients,
-                {"op": "send", "kind": "all", "count": count, "rate": s.fanout_rate},
-                expected=count * n,
-                per_event=n,
-                send_seconds=s.fanout_seconds,
-                latency=True,
+            lat = self.paced(
+                "fanout-latency", system, clients, n, s.fanout_rate, s.fanout_seconds, latency=True
             )
             if not lat["complete"]:
                 paths = self.restart(system, clients, users=0, route="all", which="all", count=n)
@@ -476,6 +512,33 @@ class Bench:
         finally:
             clients.stop()
         return {"clients": n, "connect_s": connect_s, "latency": lat, "burst": burst}
+
+    def paced(
+        self,
+        name: str,
+        system: System,
+        clients: Clients,
+        n: int,
+        rate: float,
+        seconds: float,
+        *,
+        latency: bool = False,
+        during: Callable[[], None] | None = None,
+    ) -> Json:
+        """A paced phase: ``rate`` events/s for ``seconds``, one per message, to ``n``
+        clients that all see every event."""
+        count = int(rate * seconds)
+        return self.phase(
+            name,
+            system,
+            clients,
+            {"op": "send", "kind": "all", "count": count, "rate": rate},
+            expected=count * n,
+            per_event=n,
+            send_seconds=seconds,
+            latency=latency,
+            during=during,
+        )
 
     def burst(self, name: str, system: System, clients: Clients, n: int) -> Json:
         """The throughput phase: ``fanout_burst`` events as fast as possible to ``n``."""
@@ -510,15 +573,8 @@ class Bench:
                     clients.connect(v4, which="all", start=0, count=half)
                     clients.connect(v5, which="all", start=half, count=n - half)
                     self.pause(0.5)
-                    count = int(s.fanout_rate * seconds)
-                    paced = self.phase(
-                        f"generations-{mode}",
-                        system,
-                        clients,
-                        {"op": "send", "kind": "all", "count": count, "rate": s.fanout_rate},
-                        expected=count * n,
-                        per_event=n,
-                        send_seconds=seconds,
+                    paced = self.paced(
+                        f"generations-{mode}", system, clients, n, s.fanout_rate, seconds
                     )
                     clients.close()
                     if paced["complete"] and paced["cpu_us_per_delivery"] is not None:
@@ -778,6 +834,70 @@ class Bench:
         )
         return out
 
+    def dashboard_storm(self, system: System) -> Json:
+        """``dash_clients`` dashboards (initialState=true, the page's own query) open
+        at once, each seeing the ``dash_sessions`` sessions of the upstream's state,
+        while ``dash_rate`` events/s flow to ``dash_others`` other clients: the time
+        until every dashboard is live (its state has ended), the other clients' latency
+        meanwhile, the state's bytes per dashboard, and RSS per session held (a proxy
+        started with that state against one started with none, both before any
+        client)."""
+        s = self.scale
+        assert self.driver is not None
+        self.driver.call({"op": "clear_state"})
+        system.start(users=0, route="all")
+        self.pause(1.0)
+        empty = system.rss()
+        system.stop()
+        self.driver.call({"op": "populate", "count": s.dash_sessions}, 120)
+        paths = system.start(users=0, route="all")  # loads the state: its snapshot
+        self.pause(1.0)
+        loaded = system.rss()
+        others = self.clients(system, s.dash_others)
+        dashboards = self.clients(system, s.dash_clients, name="dashboards")
+        storm: Json = {}
+        timeout = s.dash_seconds + s.drain_timeout
+
+        def open_dashboards() -> None:
+            time.sleep(min(0.5, s.dash_seconds / 4))  # the flow is on: then the storm
+            storm.update(
+                dashboards.dashboards(
+                    replace(paths, all_path=DASHBOARD_PATH), s.dash_clients, timeout
+                )
+            )
+
+        try:
+            others.connect(paths, which="all", start=0, count=s.dash_others)
+            self.pause(1.0)
+            flow = self.paced("dashboard-storm", system, others, s.dash_others, s.dash_rate,
+                              s.dash_seconds, latency=True, during=open_dashboards)  # fmt: skip
+        finally:
+            dashboards.stop()
+            others.stop()
+        seconds, sizes = storm["seconds"], storm["state_bytes"]
+        out: Json = {
+            "dashboards": s.dash_clients,
+            "sessions": s.dash_sessions,
+            "others": s.dash_others,
+            "connected": storm["connected"],
+            "live": storm["live"],
+            "all_live": storm["live"] == s.dash_clients,
+            "all_live_s": max(seconds) if seconds else None,
+            "median_live_s": statistics.median(seconds) if seconds else None,
+            "state_bytes_per_dashboard": statistics.median(sizes) if sizes else None,
+            "rss_empty_kib": empty,
+            "rss_loaded_kib": loaded,
+            "kib_per_session": (loaded - empty) / s.dash_sessions,
+            "flow": flow,
+        }
+        log(
+            f"  dashboard-storm: {storm['live']}/{s.dash_clients} live, the last after "
+            f"{out['all_live_s'] or 0:.2f}s; others' p99 {flow.get('p99_ms') or 0:.1f} ms; "
+            f"{(out['state_bytes_per_dashboard'] or 0) / 1024:.0f} KiB of state each; "
+            f"{out['kib_per_session']:.2f} KiB RSS per session"
+        )
+        return out
+
     def restart(
         self, system: System, clients: Clients, *, users: int, route: str, which: str, count: int
     ) -> Paths:
@@ -805,6 +925,7 @@ class Bench:
             "churn": self.churn,
             "generations": self.generations,
             "storm": self.storm,
+            "dashboard-storm": self.dashboard_storm,
         }
         try:
             for key in systems:

@@ -115,7 +115,7 @@ def proxy_limits() -> dict[str, int]:
 
 class ProxySystem(System):
     key = "proxy"
-    scenarios = System.scenarios | {"generations"}
+    scenarios = System.scenarios | {"generations", "dashboard-storm"}
     label = "this proxy (quart-trio, hypercorn)"
     auth = "HMAC (signed once per connection)"
     filtering = "index + policy per matching client"

@@ -15,6 +15,10 @@ It runs ``proxy.upstream_server.UpstreamServer`` over an ``EventLog`` in this pr
 ``trim`` empties the retained log (``EventLog.forget``) so that every scenario, and
 every ingest run, starts from the same upstream state; ``stop`` ends a paced ``send``
 early (the storm scenario sends until its storm is over).
+every ingest run, starts from the same upstream state. The log's state table (what a
+snapshot serves) outlives that; ``clear_state`` empties it too, and ``populate``
+appends one event for each of N sessions (the dashboard storm's), so a state holds
+exactly those.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from proxy._pb.kernel_events.v1 import events_pb2 as pb
 from proxy.replay import ReplayLineError, read_file_events
 from proxy.upstream_server import EventLog, UpstreamServer
 
-from .common import Json, command_loop, reply, scenario_event
+from .common import Json, command_loop, reply, scenario_event, storm_event
 
 CHUNK: Final = 512  # what the shipped replay feeder appends at once
 
@@ -61,6 +65,20 @@ class Driver:
             dropped = self.log.forget()
             gc.collect()
             return {"dropped": dropped}
+        if op == "clear_state":
+            if self._thread is not None:
+                raise RuntimeError("a send is running")
+            self.log.forget()
+            self.log.state.reset(self.log.log_id, self.log.head)
+            gc.collect()
+            return {"head": self.log.head}
+        if op == "populate":
+            if self._thread is not None:
+                raise RuntimeError("a send is running")
+            events = [storm_event(i) for i in range(int(cmd["count"]))]
+            for i in range(0, len(events), CHUNK):
+                self.log.append(events[i : i + CHUNK])
+            return {"head": self.log.head, "sessions": len(events)}
         if op == "ingest":
             # Copies are made before the clock starts: appending assigns sequences.
             count = int(cmd.get("count") or len(self.replay))

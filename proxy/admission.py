@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, cast
 from urllib.parse import parse_qs
@@ -24,16 +25,20 @@ from .generations import Generation
 from .group import Shared
 from .limits import StreamLimitExceeded, client_address, parse_networks
 from .metrics import Metrics
-from .policy import PolicyError, Principal
+from .policy import Filters, PolicyError, Principal
 from .sessions import JwtVerifier, SessionCodec, authenticate_browser
 from .signing import AuthError, Keypair, verify
+from .stateread import state_unavailable
 from .stream import StreamPlan
 
 log = logging.getLogger(__name__)
 
 MAX_QUERY_FIELDS: Final = 16
 # Parameters every generation takes besides its filters.
-COMMON_PARAMS: Final = frozenset({"lastEventId", "initialState"})
+COMMON_PARAMS: Final = frozenset({"lastEventId", "initialState", "withGroup"})
+# The JSON form of the state takes the filters (and the data's shape) only: it has no
+# position to resume from.
+STATE_PARAMS: Final = frozenset({"withGroup"})
 # Headers that authenticate a request must appear once: with two, which one was signed?
 _SINGLE_HEADERS: Final = frozenset(
     {"authorization", "date", "x-backendai-date", "host", "content-type", "x-backendai-version"}
@@ -78,13 +83,14 @@ def parse_resume(header: Sequence[str], params: Mapping[str, Sequence[str]]) -> 
         raise RequestError(400, "bad-last-event-id", str(exc)) from None
 
 
-def parse_initial_state(params: Mapping[str, Sequence[str]]) -> bool:
-    """``initialState``: ``true`` (the state first, resyncs instead of gaps) or ``false``."""
-    values = set(params.get("initialState", ()))
+def parse_flag(params: Mapping[str, Sequence[str]], name: str) -> bool:
+    """A ``true``/``false`` parameter, false when absent: ``initialState`` (the state
+    first, resyncs instead of gaps), ``withGroup`` (``group`` in every event's data)."""
+    values = set(params.get(name, ()))
     if not values:
         return False
     if len(values) > 1 or not values <= {"true", "false"}:
-        raise RequestError(400, "bad-parameter", "parameter 'initialState' must be true or false")
+        raise RequestError(400, "bad-parameter", f"parameter {name!r} must be true or false")
     return values == {"true"}
 
 
@@ -169,25 +175,41 @@ class Admission:
             log.info("auth failure (%s) from %s", exc.reason, request.remote_addr)
             raise RequestError(401, exc.reason, exc.message) from None
 
-    async def open_stream(self, generation: Generation) -> Response:
-        """The events route of one generation: admit the stream, or raise RequestError."""
+    def _parse(
+        self, generation: Generation, common: frozenset[str]
+    ) -> tuple[Principal, dict[str, list[str]], Filters]:
+        """Who asks, and the generation's filters from the query (``common``: the other
+        parameters this route takes besides them)."""
         principal = self.authenticate()
         params = parse_query(request.scope["query_string"])
         try:
-            filters = generation.parse(principal, params, COMMON_PARAMS)
+            filters = generation.parse(principal, params, common)
         except PolicyError as exc:
             raise RequestError(
                 exc.status, "forbidden" if exc.status == 403 else "bad-parameter", exc.message
             ) from None
+        if parse_flag(params, "withGroup"):
+            filters = replace(filters, payload=filters.payload.with_group())
+        return principal, params, filters
+
+    def _require_state(self) -> None:
+        if not self._state_available():
+            raise state_unavailable()
+
+    def admit_state(self, generation: Generation) -> tuple[Principal, Filters]:
+        """The JSON form of the state (``GET <stream path>/state``): the stream's
+        authentication and filters, and the same refusal without a snapshot."""
+        principal, _, filters = self._parse(generation, STATE_PARAMS)
+        self._require_state()
+        return principal, filters
+
+    async def open_stream(self, generation: Generation) -> Response:
+        """The events route of one generation: admit the stream, or raise RequestError."""
+        principal, params, filters = self._parse(generation, COMMON_PARAMS)
         cursor = parse_resume(request.headers.getlist("Last-Event-ID"), params)
-        initial_state = parse_initial_state(params)
-        if initial_state and not self._state_available():
-            raise RequestError(
-                503,
-                "state-unavailable",
-                "the upstream offers no snapshot, so no state can be sent (initialState)",
-                {"Retry-After": "30"},
-            )
+        initial_state = parse_flag(params, "initialState")
+        if initial_state:
+            self._require_state()
         await self._take_slot(principal)
         # Clients that declare they speak text/event-stream (EventSource always does) get
         # id-only position blocks; the official SDK sends `*/*` and would turn such a

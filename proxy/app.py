@@ -17,6 +17,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from . import stateread
 from .admission import Admission
 from .config import LimitsSettings, Settings
 from .errors import RequestError, error_response
@@ -86,6 +87,7 @@ def create_app(
     )
     for generation in GENERATIONS:
         _add_stream_route(app, admission, generation)
+        _add_state_route(app, admission, hub, generation, settings.upstream.connect_timeout)
     hub.on_write = metrics.delivery_latency.observe
     writer = StreamWriter(hub, bridge.fetch, metrics)
     app.asgi_app = guard_asgi(app.asgi_app, shared.release_stream, writer)  # type: ignore[method-assign,assignment]
@@ -97,6 +99,17 @@ def _add_stream_route(app: QuartTrio, admission: Admission, generation: Generati
         return await admission.open_stream(generation)
 
     app.add_url_rule(generation.path, f"events_{generation.name}", open_stream, methods=["GET"])
+
+
+def _add_state_route(
+    app: QuartTrio, admission: Admission, hub: Hub, generation: Generation, wait: float
+) -> None:
+    async def read_state() -> Response:
+        principal, filters = admission.admit_state(generation)
+        body = await stateread.read(hub, principal, filters, wait)
+        return Response(body, content_type="application/json")
+
+    app.add_url_rule(generation.state_path, f"state_{generation.name}", read_state, methods=["GET"])
 
 
 def _install_error_handlers(app: QuartTrio, metrics: Metrics, limits: LimitsSettings) -> None:

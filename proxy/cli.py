@@ -1,4 +1,4 @@
-"""The command line: ``serve``, ``upstream``, ``config check`` and ``tail``."""
+"""The command line: ``serve``, ``upstream``, ``config check``, ``tail`` and ``wait``."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Any, Final
 import trio
 from pythonjsonlogger.json import JsonFormatter
 
-from . import __version__, tail
+from . import __version__, tail, wait
 from .config import (
     SESSION_MODE_TEXT,
     ConfigError,
@@ -105,6 +105,7 @@ def _build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_cmd_config_check)
 
     tail.add_parser(sub)
+    wait.add_parser(sub)
     return parser
 
 

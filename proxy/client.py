@@ -1,10 +1,12 @@
 """Client side of the event stream: SSE parsing, signed (re)connection, resume.
 
-This module owns what a consumer of ``GET /stream/kernel/_/events`` has to get right:
-parsing the byte stream into events (``SSEParser``, pure and I/O-free), signing every
-connection the way the Backend.AI SDK does, resuming with ``Last-Event-ID`` after any
-interruption, backing off between attempts, and telling apart errors worth retrying
-(network trouble, 5xx, 429) from errors that will not go away by retrying (4xx).
+This module owns what a consumer of ``GET /stream/kernel/_/events`` (or
+``/events/session``) has to get right: parsing the byte stream into events
+(``SSEParser``, pure and I/O-free), signing every connection the way the Backend.AI SDK
+does, resuming with ``Last-Event-ID`` after any interruption, backing off between
+attempts, telling apart errors worth retrying (network trouble, 5xx, 429) from errors
+that will not go away by retrying (4xx), and, with ``initial_state=True``, marking
+the state and where it ends (never resuming from inside one).
 
 Usage, under Trio (httpx runs on it through anyio)::
 
@@ -28,7 +30,7 @@ from collections.abc import AsyncGenerator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, Literal, TypedDict, Unpack
 
 import anyio
 import httpx
@@ -37,11 +39,15 @@ from .signing import sign_headers
 
 log = logging.getLogger(__name__)
 
-STREAM_PATH: Final = "/stream/kernel/_/events"
+STREAM_PATH: Final = "/stream/kernel/_/events"  # API v4
+V5_STREAM_PATH: Final = "/events/session"  # API v5 and later
 API_VERSION: Final = "v4.20190615"
 GAP_EVENT: Final = "stream_gap"
 OVERFLOW_EVENT: Final = "stream_overflow"
 SERVER_CLOSE_EVENT: Final = "server_close"
+STATE_BEGIN_EVENT: Final = "stream_state_begin"
+STATE_END_EVENT: Final = "stream_state_end"
+Api = Literal["v4", "v5"]
 
 # The server sends a heartbeat every 15 s: three missed ones mean the connection is
 # dead even if TCP has not noticed (a half-open connection never errors on its own).
@@ -181,15 +187,53 @@ def _str_or_none(value: Any) -> str | None:
 
 @dataclass(frozen=True)
 class StreamEvent:
-    """An event as the caller sees it. ``id`` is None for stream notices (gaps)."""
+    """An event as the caller sees it. ``id`` is None for stream notices (gaps) and
+    for a state's events.
+
+    With ``initial_state=True`` a state is ``stream_state_begin`` (``is_state_begin``:
+    replace what you hold; ``is_resync`` when it replaces an earlier view), the latest
+    event of every entity (``from_state``: where it stands, not a change), then
+    ``stream_state_end`` (``is_state_end``; its ``id`` is the position, ``entities``
+    how many there were); live changes follow.
+    """
 
     name: str
     data: dict[str, Any]
     id: str | None
+    from_state: bool = False
 
     @property
     def session_id(self) -> str | None:
+        """The data's ``sessionId``: the session's name on v4, its UUID on v5."""
         return _str_or_none(self.data.get("sessionId"))
+
+    @property
+    def session_name(self) -> str | None:
+        """The session's name, on either path (v5's ``sessionName``, v4's ``sessionId``)."""
+        if "sessionName" in self.data:
+            return _str_or_none(self.data["sessionName"])
+        return self.session_id
+
+    @property
+    def is_state_begin(self) -> bool:
+        """A state follows: replace your view with it (``initial_state=True``)."""
+        return self.name == STATE_BEGIN_EVENT
+
+    @property
+    def is_resync(self) -> bool:
+        """A state that replaces a view the stream gave before (instead of a gap)."""
+        return self.is_state_begin and self.data.get("reason") == "resync"
+
+    @property
+    def is_state_end(self) -> bool:
+        """The state is complete; live changes follow from ``id``."""
+        return self.name == STATE_END_EVENT
+
+    @property
+    def entities(self) -> int | None:
+        """On ``stream_state_end``: how many entities the state held."""
+        value = self.data.get("entities") if self.is_state_end else None
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     @property
     def owner_access_key(self) -> str | None:
@@ -276,15 +320,30 @@ class StreamTarget:
     raw_target: str
 
 
-def build_target(
-    url: str, *, session: str | None = None, owner: str | None = None, group: str | None = None
-) -> StreamTarget:
+class Selection(TypedDict, total=False):
+    """What a stream is asked for (each optional): ``session`` (a name), ``owner``,
+    ``group``; ``api``: ``v4`` (``/stream/kernel/_/events``, the default) or ``v5``
+    (``/events/session``, which also takes ``session_uuid`` and ``scope``);
+    ``initial_state``: the state first (``initialState=true``)."""
+
+    session: str | None
+    owner: str | None
+    group: str | None
+    session_uuid: str | None
+    scope: str | None
+    api: Api
+    initial_state: bool
+
+
+def build_target(url: str, **selection: Unpack[Selection]) -> StreamTarget:
     """The request for ``url`` (the server's base URL, or the full stream URL).
 
     The query is built here, once, and the URL passed to httpx is checked to keep it
     byte for byte: the signature covers the raw target, so any re-encoding on the way
     would make every request fail authentication.
     """
+    session, owner, group = selection.get("session"), selection.get("owner"), selection.get("group")
+    session_uuid, scope = selection.get("session_uuid"), selection.get("scope")
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"URL must be http:// or https:// with a host, not {url!r}")
@@ -292,14 +351,22 @@ def build_target(
         raise ValueError("URL must not contain user info: use access and secret keys")
     if parts.query or parts.fragment:
         raise ValueError("URL must not have a query or fragment: pass filters as arguments")
+    filters: tuple[tuple[str, str | None], ...]
+    if selection.get("api") == "v5":
+        stream_path = V5_STREAM_PATH
+        filters = (("sessionName", session), ("ownerAccessKey", owner), ("sessionId", session_uuid),
+                   ("group", group), ("scope", scope))  # fmt: skip
+    elif session_uuid is not None or scope is not None:
+        raise ValueError("a session UUID or a scope needs api='v5' (GET /events/session)")
+    else:
+        stream_path = STREAM_PATH
+        filters = (("sessionId", session), ("ownerAccessKey", owner), ("group", group))
     path = parts.path.rstrip("/")
-    if not path.endswith(STREAM_PATH):
-        path += STREAM_PATH
-    params = [
-        (key, value)
-        for key, value in (("sessionId", session), ("ownerAccessKey", owner), ("group", group))
-        if value is not None
-    ]
+    if not path.endswith(stream_path):
+        path += stream_path
+    params = [(key, value) for key, value in filters if value is not None]
+    if selection.get("initial_state"):
+        params.append(("initialState", "true"))
     query = urllib.parse.urlencode(params, safe="*")
     raw_target = f"{path}?{query}" if query else path
     full = f"{parts.scheme}://{parts.netloc}{raw_target}"
@@ -387,7 +454,7 @@ async def _client_error(response: httpx.Response) -> ClientError:
     )
 
 
-def _to_event(message: SSEMessage) -> StreamEvent | None:
+def _to_event(message: SSEMessage, from_state: bool = False) -> StreamEvent | None:
     try:
         data = json.loads(message.data)
     except ValueError:
@@ -395,7 +462,7 @@ def _to_event(message: SSEMessage) -> StreamEvent | None:
     if not isinstance(data, dict):
         log.warning("skipping event %r: data is not a JSON object", message.event)
         return None
-    return StreamEvent(message.event, data, message.id)
+    return StreamEvent(message.event, data, message.id, from_state)
 
 
 # -- the stream -----------------------------------------------------------------------
@@ -405,15 +472,13 @@ async def stream_events(
     url: str,
     credentials: Credentials,
     *,
-    session: str | None = None,
-    owner: str | None = None,
-    group: str | None = None,
     last_event_id: str | None = None,
     reconnect: bool = True,
     retry_delay: float = 1.0,
     max_retry_delay: float = 30.0,
     read_timeout: float | None = DEFAULT_READ_TIMEOUT,
     http_client: httpx.AsyncClient | None = None,
+    **selection: Unpack[Selection],
 ) -> AsyncGenerator[StreamEvent, None]:
     """Yield events (and ``stream_gap`` notices) from the server, resuming across drops.
 
@@ -425,12 +490,20 @@ async def stream_events(
     ``server_close`` ends the iteration, any other end raises StreamInterrupted, and
     an error answer raises ClientError. Heartbeats, ``stream_overflow`` and
     ``server_close`` are handled here and never yielded.
+
+    ``selection``: what to stream (``Selection``: filters, API path, initial state).
+    ``initial_state=True``: the current state first, then changes (see StreamEvent:
+    ``is_state_begin``, ``from_state``, ``is_state_end``), and a resync instead of any
+    gap. A reconnect resumes from the last id as before; one that interrupted a state
+    before its end asks for a fresh state instead (so does StreamInterrupted's
+    ``last_event_id``, None then): the caller replaces its view at the new begin.
     """
-    target = build_target(url, session=session, owner=owner, group=group)
+    target = build_target(url, **selection)
     backoff = Backoff(retry_delay, max_retry_delay)
     base_delay = backoff.initial
     timeout = httpx.Timeout(_CONNECT_TIMEOUT, read=read_timeout)
     cursor = last_event_id or None
+    in_state = False  # between a stream_state_begin and its end
     failures = 0
     async with AsyncExitStack() as stack:
         client = http_client
@@ -439,6 +512,10 @@ async def stream_events(
         while True:
             why = "the server ended the stream"
             parser: SSEParser | None = None
+            if in_state:
+                # Half a state is no view: resuming from before it would leave the
+                # caller with what the begin told it to drop. A fresh state instead.
+                cursor, in_state = None, False
             headers = request_headers(target, credentials, cursor)
             try:
                 async with client.stream(
@@ -473,7 +550,14 @@ async def stream_events(
                                 if message.event == OVERFLOW_EVENT:
                                     why, stop = "this client was too slow (stream_overflow)", True
                                     break
-                                event = _to_event(message)
+                                if message.event == STATE_BEGIN_EVENT:
+                                    in_state = True
+                                    event = _to_event(message)
+                                elif message.event == STATE_END_EVENT:
+                                    in_state = False
+                                    event = _to_event(message)
+                                else:
+                                    event = _to_event(message, from_state=in_state)
                                 cursor = message.last_event_id or None
                                 if event is not None:
                                     yield event
@@ -483,12 +567,12 @@ async def stream_events(
             except (httpx.TransportError, SSEProtocolError) as exc:
                 why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 if not reconnect:
-                    raise StreamInterrupted(why, cursor) from exc
+                    raise StreamInterrupted(why, None if in_state else cursor) from exc
             else:
                 if not reconnect:
                     if why == SERVER_CLOSE_EVENT:
                         return
-                    raise StreamInterrupted(why, cursor)
+                    raise StreamInterrupted(why, None if in_state else cursor)
             failures += 1
             if parser is not None and parser.retry is not None:
                 # The standard's unit is milliseconds (the SDK's seconds are a bug), and

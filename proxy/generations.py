@@ -1,7 +1,8 @@
 """The API generations the proxy serves, side by side, from one hub.
 
-A generation is its path, its pure parameter parser (query -> ``Filters``, in
-policy.py) and its payload (payloads.py, chosen through ``Filters.payload``).
+A generation is its path (and, after it, ``/state``: the state as JSON), its pure
+parameter parser (query -> ``Filters``, in policy.py) and its payload (payloads.py,
+chosen through ``Filters.payload``).
 Everything else, authentication, limits, the resume cursor, the subscription and the
 writer, is one path for all of them (admission.py, stream.py). Both are always
 served; ``[api] version`` only decides which one ``GET /`` advertises, and so which
@@ -26,6 +27,11 @@ class Generation:
     name: str  # "v4", "v5": the metrics' and logs' label
     path: str
     parse: Parser
+
+    @property
+    def state_path(self) -> str:
+        """The JSON form of the state, with the stream's filters and payloads."""
+        return f"{self.path}/state"
 
 
 V4: Final = Generation("v4", "/stream/kernel/_/events", resolve_filters)

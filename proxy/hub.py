@@ -51,10 +51,10 @@ STATE_BEGIN_EVENT: Final = "stream_state_begin"
 STATE_END_EVENT: Final = "stream_state_end"
 # Held back until the state is there: every event of the log (skip_until).
 _ALL: Final = 2**64
-_API_LABELS: Final = {payload: payload.name.lower() for payload in Payload}
+_API_LABELS: Final = {payload: payload.generation.name.lower() for payload in Payload}
 # Hub.publish keeps an event's frames in a list indexed by Payload, literally
-# [v4, None]: a third generation must widen it there.
-assert len(Payload) == 2
+# [v4, None, None, None]: another payload must widen it there.
+assert len(Payload) == 4
 
 
 class _Entry(NamedTuple):
@@ -370,6 +370,7 @@ class Hub:
         # Events went missing that the state does not hold: the bridge reloads it.
         self.state_stale = False
         self._followers: set[Subscription] = set()
+        self._state_lot = trio.lowlevel.ParkingLot()  # wait_state: a state is loaded
         self.state_writes = 0  # states handed to streams (initial and resync)
         # Folding every event costs the ingest path (state.py), so the state is kept
         # only while it is used: past state_idle_timeout seconds without a stream that
@@ -378,6 +379,7 @@ class Hub:
         self.state_idle_timeout = 0.0
         self._state_used = time.monotonic()
         self.on_state_wanted: Callable[[], None] | None = None
+        self.state_reads = 0  # states given as JSON (GET <stream path>/state)
 
     # -- direct writes -----------------------------------------------------------
 
@@ -472,6 +474,12 @@ class Hub:
             sub.outbox.discard()
 
     def _replay(self, sub: Subscription, after: Cursor) -> None:
+        state = self.state
+        if sub.follows_state and state is not None and state.log_id not in (None, after.log_id):
+            # The state is of another log (the upstream started a new one, maybe before
+            # this proxy published anything of it): nothing resumes across that.
+            self._start_state(sub, "resync")
+            return
         if self.log_id is None or (
             after.log_id == self.log_id and after.sequence >= self.last_sequence
         ):
@@ -519,6 +527,10 @@ class Hub:
         for i in range(start, len(history)):
             entry = history[i]
             if entry.event is None:
+                if sub.follows_state:
+                    # Events after its position may be missing: a state instead.
+                    self._start_state(sub, "resync")
+                    return
                 frames.append(entry.frame)
             elif visible(sub.principal, sub.filters, entry.event):
                 frames.append(
@@ -571,9 +583,9 @@ class Hub:
         for event in events:
             if state is not None and event.sequence > state.sequence:
                 state.apply(event)
-            # The history's (and v4's) frame; other generations' on first use.
+            # The history's (and v4's) frame; other payloads' on first use.
             frame = _encode(prefix, event)
-            frames: list[bytes | None] = [frame, None]
+            frames: list[bytes | None] = [frame, None, None, None]
             if keep is not None:
                 keep(_Entry(log_id, event.sequence, event, frame))
             for buckets, field in kinds:
@@ -645,6 +657,7 @@ class Hub:
         self.state = state
         self.state_unavailable = False
         self.state_stale = False
+        self._state_lot.unpark_all()
         changed = old is not None and old.log_id != state.log_id
         for sub in list(self._followers):
             if sub.resync_due is not None:
@@ -657,6 +670,7 @@ class Hub:
     def no_state(self) -> None:
         """The upstream cannot give a snapshot: streams waiting for one are closed."""
         self.state_unavailable = True
+        self._state_lot.unpark_all()
         for sub in list(self._followers):
             if sub.resync_due is not None:
                 sub.outbox.close("state-unavailable", _server_close_frame("state-unavailable"))
@@ -675,16 +689,16 @@ class Hub:
         sub.outbox.discard()
         sub.catchup = None
         sub.epoch += 1
-        state = self.state
-        if state is None or state.log_id is None or self.state_stale:
+        view = self.state_view(reason)
+        if view is None:
             # Owed once the bridge (re)loads the state; until then nothing goes out.
             sub.resync_due, sub.state_write = reason, None
             sub.skip_log, sub.skip_until = self.log_id or "", _ALL
             self.want_state()
             return
         sub.resync_due = None
-        sub.state_write = StateWrite(reason, state.events(), state.log_id, state.sequence)
-        sub.skip_log, sub.skip_until = state.log_id, state.sequence
+        sub.state_write = view
+        sub.skip_log, sub.skip_until = view.log_id, view.sequence
         self.state_writes += 1
         sub.outbox.interrupt()
 
@@ -718,6 +732,22 @@ class Hub:
             self.state_idle_timeout,
         )
         return True
+
+    def state_view(self, reason: str = "initial") -> StateWrite | None:
+        """The state as it is now (a copy of the table's references: the live table
+        moves on), or None while there is none to give: not loaded yet, stale (events
+        went missing that it does not hold), or the upstream has none."""
+        state = self.state
+        if state is None or state.log_id is None or self.state_stale:
+            return None
+        return StateWrite(reason, state.events(), state.log_id, state.sequence)
+
+    async def wait_state(self) -> StateWrite | None:
+        """``state_view`` once there is one (None if the upstream has no snapshot);
+        the caller bounds the wait."""
+        while (view := self.state_view()) is None and not self.state_unavailable:
+            await self._state_lot.park()
+        return view
 
     def _subscriptions(self) -> Iterator[Subscription]:
         for buckets in self._index.values():

@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from .hub import Hub
-from .payloads import Payload
+from .payloads import GENERATIONS
 from .policy import Role
 from .upstream import UpstreamBridge
 
@@ -229,7 +229,7 @@ class _Collector(Collector):
         opened = CounterMetricFamily(
             "kep_streams_opened", "Event streams admitted, by API generation.", labels=["api"]
         )
-        for payload in Payload:
+        for payload in GENERATIONS:
             api = payload.name.lower()
             by_api.add_metric([api], hub.clients_by_api.get(api, 0))
             opened.add_metric([api], hub.streams_opened.get(api, 0))
@@ -249,6 +249,10 @@ class _Collector(Collector):
         yield CounterMetricFamily(
             "kep_state_writes", "States written to streams (initial and resync).",
             value=hub.state_writes,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "kep_state_reads", "States given as JSON (GET <stream path>/state).",
+            value=hub.state_reads,
         )  # fmt: skip
         yield CounterMetricFamily(
             "kep_upstream_events",

@@ -34,6 +34,7 @@ EVENT_DATA_SCHEMA: dict[str, Any] = {
         "result": {"enum": ["UNDEFINED", "SUCCESS", "FAILURE"]},
         "kernelId": {"type": "string"},
         "exitCode": {"type": "integer"},
+        "group": {"type": "string", "description": "The session's group (withGroup=true only)."},
     },
     "additionalProperties": False,
 }
@@ -58,8 +59,20 @@ EVENT_DATA_V5_SCHEMA: dict[str, Any] = {
         "kernelId": {"type": ["string", "null"], "description": "kernel_* events only."},
         "clusterRole": {"type": ["string", "null"], "description": "kernel_* events only."},
         "clusterIdx": {"type": "integer", "description": "kernel_* events only; 0 included."},
+        "group": {"type": "string", "description": "The session's group (withGroup=true only)."},
     },
     "additionalProperties": False,
+}
+
+
+WITH_GROUP: dict[str, Any] = {
+    "name": "withGroup",
+    "in": "query",
+    "required": False,
+    "description": "`true`: every event's data also has `group`, the session's group "
+    "(project) name, which the data of neither generation carries otherwise (the "
+    "dashboard asks for it). `false` (default): the data as the generation has it.",
+    "schema": {"enum": ["true", "false"]},
 }
 
 
@@ -97,6 +110,7 @@ def _stream_path(
                     "`false` (default): changes only.",
                     "schema": {"enum": ["true", "false"]},
                 },
+                WITH_GROUP,
                 {
                     "name": "Last-Event-ID",
                     "in": "header",
@@ -126,6 +140,93 @@ def _stream_path(
                 "403": _error("A user naming another owner's key"),
             },
         }
+    }
+
+
+V4_FILTERS: list[dict[str, Any]] = [
+    _query("sessionId", "A session name; `*` (default) for all visible."),
+    _query("ownerAccessKey", "The session owner's key (admins only)."),
+    _query("owner_access_key", "Alias of ownerAccessKey (the SDK's)."),
+    _query("group", "A group (project) name; `*` (default) for all."),
+    _query("groupName", "Alias of group."),
+]
+V5_FILTERS: list[dict[str, Any]] = [
+    _query("sessionName", "A session name; `*` (default) for all visible."),
+    _query("name", "Alias of sessionName."),
+    _query("ownerAccessKey", "The named session's owner (admins only)."),
+    _query("owner_access_key", "Alias of ownerAccessKey (the SDK's)."),
+    _query("sessionId", "A session UUID; overrides sessionName and ownerAccessKey."),
+    _query("group", "A group (project) name; `*` (default) for all."),
+    _query("groupName", "Alias of group."),
+    {
+        "name": "scope",
+        "in": "query",
+        "required": False,
+        "description": "`session`: only session_* events; `kernel`: only "
+        "kernel_* events; `*` (default): both.",
+        "schema": {"enum": ["*", "session", "kernel"]},
+    },
+]
+
+
+def _state_path(summary: str, state_schema: str, filters: list[dict[str, Any]]) -> dict[str, Any]:
+    """One generation's state as JSON: the stream's filters, its data, a position."""
+    return {
+        "get": {
+            "summary": summary,
+            "description": (
+                "What a stream with the same filters and `initialState=true` sends between "
+                "`stream_state_begin` and `stream_state_end`: for every entity the caller "
+                "may see, the latest event, with the `event` name and `data` a live "
+                "delivery has, in log order. `position` is the position the state "
+                "reflects: open the stream with it as `Last-Event-ID` (or `lastEventId`) "
+                "to get every change after it, none missing, none repeated. Only the "
+                "filters and `withGroup` are taken: `lastEventId` and `initialState` are "
+                "refused here."
+            ),
+            "parameters": [*filters, WITH_GROUP],
+            "responses": {
+                "200": {
+                    "description": "The state",
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": f"#/components/schemas/{state_schema}"}
+                        }
+                    },
+                },
+                "400": _error("Bad parameter or query"),
+                "401": _error("Not authenticated (the `error` field says why)"),
+                "403": _error("A user naming another owner's key"),
+            },
+        }
+    }
+
+
+def _state_schema(data_schema: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["position", "entities", "events"],
+        "properties": {
+            "position": {
+                "type": "string",
+                "pattern": "^[0-9A-Za-z_-]{1,64}:[0-9]{1,20}$",
+                "description": "The position the state reflects: resume the stream here.",
+            },
+            "entities": {"type": "integer", "minimum": 0},
+            "events": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["event", "data"],
+                    "properties": {
+                        "event": {"type": "string"},
+                        "data": {"$ref": f"#/components/schemas/{data_schema}"},
+                    },
+                    "additionalProperties": False,
+                },
+            },
+        },
+        "additionalProperties": False,
     }
 
 
@@ -249,39 +350,24 @@ DOCUMENT: dict[str, Any] = {
         "/stream/kernel/_/events": _stream_path(
             "Kernel lifecycle events as Server-Sent Events (API v4)",
             "EventData",
-            [
-                _query("sessionId", "A session name; `*` (default) for all visible."),
-                _query("ownerAccessKey", "The session owner's key (admins only)."),
-                _query("owner_access_key", "Alias of ownerAccessKey (the SDK's)."),
-                _query("group", "A group (project) name; `*` (default) for all."),
-                _query("groupName", "Alias of group."),
-            ],
+            V4_FILTERS,
             "A cluster session's sub-kernels' `kernel_*` events are not sent on this path.",
+        ),
+        "/stream/kernel/_/events/state": _state_path(
+            "The state as JSON, with the filters and data of /stream/kernel/_/events",
+            "StateV4",
+            V4_FILTERS,
         ),
         "/events/session": _stream_path(
             "Session and kernel lifecycle events as Server-Sent Events (API v5 and later)",
             "EventDataV5",
-            [
-                _query("sessionName", "A session name; `*` (default) for all visible."),
-                _query("name", "Alias of sessionName."),
-                _query("ownerAccessKey", "The named session's owner (admins only)."),
-                _query("owner_access_key", "Alias of ownerAccessKey (the SDK's)."),
-                _query(
-                    "sessionId",
-                    "A session UUID; overrides sessionName and ownerAccessKey.",
-                ),
-                _query("group", "A group (project) name; `*` (default) for all."),
-                _query("groupName", "Alias of group."),
-                {
-                    "name": "scope",
-                    "in": "query",
-                    "required": False,
-                    "description": "`session`: only session_* events; `kernel`: only "
-                    "kernel_* events; `*` (default): both.",
-                    "schema": {"enum": ["*", "session", "kernel"]},
-                },
-            ],
+            V5_FILTERS,
             "Every kernel's `kernel_*` events are sent, each with its clusterRole and clusterIdx.",
+        ),
+        "/events/session/state": _state_path(
+            "The state as JSON, with the filters and data of /events/session",
+            "StateV5",
+            V5_FILTERS,
         ),
     },
     "components": {
@@ -343,6 +429,8 @@ DOCUMENT: dict[str, Any] = {
             },
             "EventData": EVENT_DATA_SCHEMA,
             "EventDataV5": EVENT_DATA_V5_SCHEMA,
+            "StateV4": _state_schema("EventData"),
+            "StateV5": _state_schema("EventDataV5"),
             "StateBegin": {
                 "type": "object",
                 "required": ["reason"],
@@ -551,6 +639,11 @@ for _path in ("/stream/kernel/_/events", "/events/session"):
                 "initialState=true and the upstream offers no snapshot (`state-unavailable`)"
             ),
         }
+    )
+for _path in ("/stream/kernel/_/events/state", "/events/session/state"):
+    DOCUMENT["paths"][_path]["get"]["responses"]["503"] = _limited(
+        "The upstream offers no snapshot (`state-unavailable`), or the state is being "
+        "loaded (`state-loading`: a proxy just started or reloading it)"
     )
 DOCUMENT["paths"]["/server/login"]["post"]["responses"].update(
     {

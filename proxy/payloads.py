@@ -9,8 +9,12 @@
   ``kernel_*`` events (``clusterIdx`` 0 included, which the original dropped). No
   ``result``.
 
+Either with ``group`` added (the session's group name), only for clients that ask
+with ``withGroup=true`` (the dashboard: ``Payload.V4_GROUP``, ``Payload.V5_GROUP``);
+nobody else's data changes.
+
 ``JSON_ENCODERS[payload]`` gives the compact UTF-8 JSON bytes for one event; the hub
-calls it once per event and generation that has a recipient, never per client.
+calls it once per event and payload that has a recipient, never per client.
 """
 
 from __future__ import annotations
@@ -25,10 +29,32 @@ from .events import Event
 
 
 class Payload(enum.IntEnum):
-    """Which generation's JSON an event is encoded as (an index into JSON_ENCODERS)."""
+    """Which JSON an event is encoded as (an index into JSON_ENCODERS): a generation's,
+    or a generation's with ``group``."""
 
     V4 = 0
     V5 = 1
+    V4_GROUP = 2
+    V5_GROUP = 3
+
+    @property
+    def generation(self) -> Payload:
+        """The API generation whose data this is (V4 or V5)."""
+        return _GENERATION[self]
+
+    def with_group(self) -> Payload:
+        return _WITH_GROUP[self.generation]
+
+
+# The API generations (metrics labels, per-kernel entities): the payloads without extras.
+GENERATIONS: Final = (Payload.V4, Payload.V5)
+_GENERATION: Final = {
+    Payload.V4: Payload.V4,
+    Payload.V5: Payload.V5,
+    Payload.V4_GROUP: Payload.V4,
+    Payload.V5_GROUP: Payload.V5,
+}
+_WITH_GROUP: Final = {Payload.V4: Payload.V4_GROUP, Payload.V5: Payload.V5_GROUP}
 
 
 # The events whose exitCode is an integer on the v5 path (null on every other).
@@ -65,5 +91,18 @@ def v5_json(event: Event) -> bytes:
     return orjson.dumps(v5_payload(event))
 
 
-JSON_ENCODERS: Final[tuple[Callable[[Event], bytes], ...]] = (v4_json, v5_json)
+def v4_group_json(event: Event) -> bytes:
+    return orjson.dumps(event.client_payload() | {"group": event.group_name})
+
+
+def v5_group_json(event: Event) -> bytes:
+    return orjson.dumps(v5_payload(event) | {"group": event.group_name})
+
+
+JSON_ENCODERS: Final[tuple[Callable[[Event], bytes], ...]] = (
+    v4_json,
+    v5_json,
+    v4_group_json,
+    v5_group_json,
+)
 assert len(JSON_ENCODERS) == len(Payload)

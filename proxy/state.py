@@ -115,7 +115,7 @@ def entity(event: Foldable, per_kernel: bool) -> EntityKey:
 
 def per_kernel(filters: Filters) -> bool:
     """Kernels are entities of their own on ``/events/session`` (v5), not on v4."""
-    return filters.payload is not Payload.V4
+    return filters.payload.generation is not Payload.V4
 
 
 def select(

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -39,9 +39,8 @@ from .hub import (
     state_end_frame,
 )
 from .metrics import Metrics
-from .payloads import JSON_ENCODERS
 from .policy import Filters, Principal, visible
-from .state import EntityKey, select
+from .stateread import STATE_SLICE, StateFrames, choose
 from .upstream import Fetched
 
 log = logging.getLogger(__name__)
@@ -51,10 +50,6 @@ Fetch = Callable[[str, int, int], Awaitable[Fetched]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[Mapping[str, Any]]]
 Write = Callable[[bytes], Awaitable[None]]
-
-# Table events looked at, or state events encoded, between two checkpoints: a few
-# milliseconds of work, so no state write holds the event loop for long.
-STATE_SLICE = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +70,8 @@ class StreamWriter:
     hub: Hub
     fetch: Fetch
     metrics: Metrics
+    # Encoded state frames shared by the state writes in progress (stateread.py).
+    state_frames: StateFrames = field(default_factory=StateFrames)
 
     async def serve(
         self, plan: StreamPlan, scope: Mapping[str, Any], receive: Receive, send: Send
@@ -229,25 +226,26 @@ class StreamWriter:
     async def _write_state(self, sub: Subscription, plan: StateWrite, write: Write) -> None:
         """Write a state: begin, the latest visible event per entity, end (with its
         position). In slices, with checkpoints between them: live events queue
-        meanwhile, and a newer state (a resync) ends this one where it is."""
-        principal, filters = sub.principal, sub.filters
-        chosen: dict[EntityKey, Any] = {}
-        table = plan.events
+        meanwhile, and a newer state (a resync) ends this one where it is. Frames are
+        shared with the other state writes in progress (``state_frames``)."""
+        with self.state_frames.writing():
+            await self._write_state_frames(sub, plan, write)
+
+    async def _write_state_frames(self, sub: Subscription, plan: StateWrite, write: Write) -> None:
 
         def superseded() -> bool:
             if sub.outbox.closed and sub.state_write is plan:
                 sub.state_write = None  # the stream is ending: the rest is moot
             return sub.state_write is not plan
 
-        for start in range(0, len(table), STATE_SLICE):
-            select(table[start : start + STATE_SLICE], principal, filters, chosen)
-            await trio.lowlevel.checkpoint()
-            if superseded():
-                return
-        encoder = JSON_ENCODERS[filters.payload]
+        filters = sub.filters
+        chosen = await choose(plan, sub.principal, filters, superseded)
+        if chosen is None:
+            return
+        payload, frame = filters.payload, self.state_frames.frame
         frames = [state_begin_frame(plan.reason)]
         for event in chosen.values():
-            frames.append(sse.encode_json_event_without_id(event.name, encoder(event)))
+            frames.append(frame(event, payload))
             if len(frames) >= STATE_SLICE:
                 await write(b"".join(frames))
                 frames = []

@@ -114,8 +114,18 @@ def test_bench_harness_smoke(tmp_path: Path) -> None:
     assert len(rounds["one"]) == len(rounds["mixed"]) == 3, rounds
     assert generations["mixed_over_one"] is None or generations["mixed_over_one"] > 0
 
+    storm = proxy["dashboard-storm"]
+    assert storm["all_live"], storm
+    assert storm["live"] == storm["connected"] == scale["dash_clients"]
+    assert 0 < storm["median_live_s"] <= storm["all_live_s"] < 60
+    # Each dashboard's state: a begin, one event per session, an end.
+    assert storm["state_bytes_per_dashboard"] > 100 * scale["dash_sessions"]
+    assert storm["flow"]["complete"]
+    assert 0 < storm["flow"]["p99_ms"] < 5_000
+    assert storm["rss_loaded_kib"] > 0
+
     statuses = {t["name"]: t["status"] for t in doc["targets"]}
-    assert len(statuses) == 13
+    assert len(statuses) == 15
     assert set(statuses.values()) <= {"PASS", "FAIL", "N/A"}
     table = (out / "results.md").read_text()
     assert "| ingest: events/s" in table

@@ -236,6 +236,20 @@ def test_build_target_keeps_star_raw_and_appends_the_stream_path() -> None:
     assert build_target("https://[::1]:9/").host == "[::1]:9"
 
 
+def test_build_target_for_v5_and_initial_state() -> None:
+    target = build_target(BASE, session="s", owner="AK", session_uuid="u-1", scope="kernel",
+                          api="v5", initial_state=True)  # fmt: skip
+    assert target.raw_target == (
+        "/events/session?sessionName=s&ownerAccessKey=AK&sessionId=u-1&scope=kernel"
+        "&initialState=true"
+    )
+    assert build_target(BASE, initial_state=True).raw_target == (
+        "/stream/kernel/_/events?initialState=true"
+    )
+    with pytest.raises(ValueError, match="api='v5'"):
+        build_target(BASE, session_uuid="u-1")
+
+
 @pytest.mark.parametrize(
     "url", ["ftp://h/", "http:///x", "h:8080", "http://u:p@h/", "http://h/?a=1", "http://h/#f"]
 )
@@ -518,6 +532,83 @@ async def test_data_that_is_not_a_json_object_is_skipped() -> None:
     assert [e.id for e in events] == ["log1:2"]
 
 
+def begin(reason: str = "initial") -> bytes:
+    return frame("stream_state_begin", {"reason": reason})
+
+
+def state_event(session: str, name: str = "kernel_started") -> bytes:
+    return frame(name, {"sessionId": session, "ownerAccessKey": "AKTEST", "reason": None})
+
+
+def end(seq: int, entities: int) -> bytes:
+    return frame("stream_state_end", {"entities": entities}, f"log1:{seq}")
+
+
+async def test_initial_state_marks_the_state_and_where_it_ends() -> None:
+    server = FakeServer(stream(begin(), state_event("a"), state_event("b"), end(5, 2), kernel(6)))
+    events = await take(server, 5, initial_state=True)
+    assert b"initialState=true" in server.seen[0].request.url.raw_path
+    first, a, b, last, live = events
+    assert (first.is_state_begin, first.is_resync, first.from_state) == (True, False, False)
+    assert [(e.session_name, e.from_state, e.id) for e in (a, b)] == [
+        ("a", True, None),
+        ("b", True, None),
+    ]
+    assert (last.is_state_end, last.entities, last.id, last.from_state) == (
+        True,
+        2,
+        "log1:5",
+        False,
+    )
+    assert (live.from_state, live.id, live.is_state_begin, live.entities) == (
+        False,
+        "log1:6",
+        False,
+        None,
+    )
+
+
+async def test_a_state_cut_short_asks_for_a_fresh_one_a_finished_one_resumes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    server = FakeServer(
+        stream(kernel(3), begin("resync"), state_event("a")),  # cut off inside a resync
+        stream(begin(), state_event("a"), end(7, 1)),  # then cut off after its end
+        stream(kernel(8)),
+    )
+    events = await take(server, 7, initial_state=True)
+    assert [(e.name, e.is_resync, e.from_state) for e in events] == [
+        ("kernel_started", False, False),
+        ("stream_state_begin", True, False),
+        ("kernel_started", False, True),
+        ("stream_state_begin", False, False),
+        ("kernel_started", False, True),
+        ("stream_state_end", False, False),
+        ("kernel_started", False, False),
+    ]
+    # Not log1:3: the state begun after it told the caller to drop its view.
+    assert server.last_event_ids() == [None, None, "log1:7"]
+
+
+async def test_an_interrupted_state_says_to_start_over() -> None:
+    server = FakeServer(stream(kernel(3), begin("resync"), state_event("a")))
+    with pytest.raises(StreamInterrupted) as info:
+        await take(server, None, reconnect=False, initial_state=True)
+    assert info.value.last_event_id is None
+    server = FakeServer(stream(begin(), end(4, 0)))
+    with pytest.raises(StreamInterrupted) as info:
+        await take(server, None, reconnect=False, initial_state=True)
+    assert info.value.last_event_id == "log1:4"
+
+
+def test_session_name_on_either_path() -> None:
+    v5 = StreamEvent("session_started", {"sessionName": "n", "sessionId": "uuid-1"}, "L:1")
+    assert (v5.session_name, v5.session_id) == ("n", "uuid-1")
+    v4 = StreamEvent("session_started", {"sessionId": "n"}, "L:1")
+    assert (v4.session_name, v4.session_id) == ("n", "n")
+    assert StreamEvent("stream_state_end", {"entities": True}, "L:1").entities is None
+
+
 # -- tail --------------------------------------------------------------------------------
 
 
@@ -617,7 +708,7 @@ async def test_tail_without_credentials_names_the_flags_and_variables() -> None:
 def test_tail_count_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         tail_args("--count", "0")
-    assert "at least 1" in capsys.readouterr().err
+    assert "must be a whole number above 0" in capsys.readouterr().err
 
 
 def test_tail_run_maps_ctrl_c_to_130(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -625,7 +716,7 @@ def test_tail_run_maps_ctrl_c_to_130(monkeypatch: pytest.MonkeyPatch) -> None:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tail, "follow", interrupted)
-    monkeypatch.setattr(tail, "_quiet_client_logging", lambda: None)
+    monkeypatch.setattr(tail, "_quiet_client_logging", lambda *_: None)
     assert tail.run(tail_args()) == 130
 
 

@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 
 from proxy.events import Event
 from proxy.hub import encode
-from proxy.payloads import EXIT_CODE_EVENTS, JSON_ENCODERS, Payload, v4_json, v5_json
+from proxy.payloads import (
+    EXIT_CODE_EVENTS,
+    GENERATIONS,
+    JSON_ENCODERS,
+    Payload,
+    v4_json,
+    v5_json,
+)
 
 from .test_events import events as any_events
 
@@ -60,10 +67,19 @@ def test_v4_is_unchanged_and_frames_share_the_id() -> None:
         b'{"sessionId":"mysession-01","ownerAccessKey":"AKIA1","reason":"user-requested",'
         b'"result":"SUCCESS","kernelId":"0b6c0000-0000-4000-8000-000000000002","exitCode":0}'
     )
-    v4, v5 = (encode("log1", KERNEL, payload) for payload in Payload)
-    assert v4.splitlines()[0] == v5.splitlines()[0] == b"id: log1:7"
-    assert v4.splitlines()[1] == v5.splitlines()[1] == b"event: kernel_terminated"
-    assert v5.splitlines()[2] == b"data: " + v5_json(KERNEL)
+    frames = [encode("log1", KERNEL, payload) for payload in Payload]
+    assert {frame.splitlines()[0] for frame in frames} == {b"id: log1:7"}
+    assert {frame.splitlines()[1] for frame in frames} == {b"event: kernel_terminated"}
+    assert frames[Payload.V5].splitlines()[2] == b"data: " + v5_json(KERNEL)
+
+
+def test_with_group_adds_only_the_group_to_either_generations_data() -> None:
+    for payload in GENERATIONS:
+        grouped = payload.with_group()
+        assert (grouped.generation, grouped.with_group()) == (payload, grouped)
+        base = json.loads(JSON_ENCODERS[payload](KERNEL))
+        assert json.loads(JSON_ENCODERS[grouped](KERNEL)) == base | {"group": KERNEL.group_name}
+        assert "group" not in base
 
 
 # test_events' strategy for any event, with names from the generations' families.

@@ -44,7 +44,7 @@ NAMES = [
 
 def client_key(name: str, data: dict[str, Any], payload: Payload) -> Hashable:
     """What a client can key its map by: the fields of ``data`` it gets."""
-    if payload is Payload.V4:
+    if payload.generation is Payload.V4:
         return (data["ownerAccessKey"], data["sessionId"])
     kind = "kernel" if name.startswith("kernel_") else "session"
     return (data["ownerAccessKey"], data["sessionName"], data["sessionId"], kind,
@@ -85,10 +85,15 @@ def state_map(
 
 
 def stream_filters() -> st.SearchStrategy[Filters]:
-    """Filters as the two generations' parsers make them."""
-    v4 = st.builds(Filters, **V4_FILTER_FIELDS)
+    """Filters as the two generations' parsers make them (with withGroup or without)."""
+    v4 = st.builds(
+        Filters, **V4_FILTER_FIELDS, payload=st.sampled_from([Payload.V4, Payload.V4_GROUP])
+    )
     v5 = st.builds(
-        Filters, **V5_FILTER_FIELDS, main_only=st.just(False), payload=st.just(Payload.V5)
+        Filters,
+        **V5_FILTER_FIELDS,
+        main_only=st.just(False),
+        payload=st.sampled_from([Payload.V5, Payload.V5_GROUP]),
     )
     return v4 | v5
 

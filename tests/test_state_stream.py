@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from proxy.eventid import Cursor, parse_id
 from proxy.events import Event
 from proxy.hub import Hub, Subscription, new_state
+from proxy.payloads import Payload
 from proxy.policy import Filters, Principal, Role
 from proxy.state import fold
 from proxy.stream import StreamWriter
@@ -176,6 +177,26 @@ def test_state_then_changes_equals_the_whole_log_through_restarts_and_new_logs(
     trio.run(scenario, [("connect", None), *ops], principal, filters, history)
 
 
+def test_a_resume_across_a_retained_gap_notice_is_a_resync() -> None:
+    # The history holds the gap of a new log after the client's position: replaying it
+    # would hand a state-following stream a stream_gap (found by the property above).
+    event = Event(0, "session_enqueued", "s1", "", "AK1", "u1", "default", "g1")
+    principal = Principal("AK1", Role.USER, "u1", "default")
+    ops = [("connect", None), ("drop", None), ("publish", [event]), ("new-log", None),
+           ("connect", None)]  # fmt: skip
+    trio.run(scenario, ops, principal, Filters(), 2)
+
+
+def test_a_resume_into_a_log_the_state_replaced_is_a_resync_at_once() -> None:
+    # The upstream started a new log; nothing of it was published yet: the client's
+    # old position is not resumed (it would be stale until the new log's first event).
+    event = Event(0, "session_enqueued", "s1", "", "AK1", "u1", "default", "g1")
+    principal = Principal("AK1", Role.USER, "u1", "default")
+    ops = [("connect", None), ("publish", [event]), ("drop", None), ("new-log", None),
+           ("connect", None)]  # fmt: skip
+    trio.run(scenario, ops, principal, Filters(), 0)
+
+
 def test_an_empty_state_is_begin_then_end() -> None:
     async def main() -> None:
         hub = Hub(history_size=10, outbox_limit=10)
@@ -197,5 +218,48 @@ def test_an_empty_state_is_begin_then_end() -> None:
             b'event: stream_state_begin\ndata: {"reason": "initial"}\n\n'
             b'id: L:0\nevent: stream_state_end\ndata: {"entities": 0}\n\n'
         )
+
+    trio.run(main)
+
+
+def test_state_writes_in_progress_together_encode_each_frame_once() -> None:
+    events = [
+        dataclasses.replace(e, sequence=i + 1)
+        for i, e in enumerate(
+            Event(0, "kernel_started", f"s{i}", f"k{i}", "AK1", "u1", "default", "g1")
+            for i in range(2500)
+        )
+    ]
+
+    async def main() -> None:
+        hub = Hub(history_size=10, outbox_limit=10)
+        state = fold(events, retention=1e9, max_entities=10**6, stamp=lambda e: 0.0)
+        state.log_id = "L"
+        hub.load_state(state)
+        principal = Principal("AK1", Role.USER, "u1", "default")
+        writer = StreamWriter(hub, Upstream().fetch, None)  # type: ignore[arg-type]
+        bodies: dict[str, list[bytes]] = {}
+
+        async def dashboard(name: str, filters: Filters) -> None:
+            out = bodies.setdefault(name, [])
+
+            async def write(data: bytes) -> None:
+                out.append(data)
+
+            with hub.subscribe(principal, filters, state=True) as sub:
+                assert sub.state_write is not None
+                await writer._write_state(sub, sub.state_write, write)
+
+        v5 = Filters(main_only=False, payload=Payload.V5)
+        async with trio.open_nursery() as nursery:  # their slices interleave
+            for name in ("a", "b", "c"):
+                nursery.start_soon(dashboard, name, Filters())
+            nursery.start_soon(dashboard, "v5", v5)
+        assert b"".join(bodies["a"]) == b"".join(bodies["b"]) == b"".join(bodies["c"])
+        assert b"".join(bodies["a"]).count(b"event: kernel_started") == 2500
+        assert b'"sessionName":"s7"' in b"".join(bodies["v5"])
+        # Once per event and payload, for four writes; nothing is held after them.
+        assert writer.state_frames.encoded == 2 * 2500
+        assert len(writer.state_frames) == 0
 
     trio.run(main)

@@ -3,6 +3,12 @@
 // The session cookie (HttpOnly, set by POST /server/login) authenticates the stream;
 // the browser resends it, and Last-Event-ID, on every reconnect by itself. Everything
 // from the server is written with textContent, never parsed as HTML.
+//
+// The stream is opened with initialState=true: it starts with where every visible
+// session stands (stream_state_begin, one event per session, stream_state_end), then
+// carries changes. A later state (a resync: the stream could not resume) replaces the
+// table; it is collected first and swapped in at its end, so a state cut short leaves
+// the table as it was. withGroup=true puts each session's group in the data.
 "use strict";
 
 (() => {
@@ -23,6 +29,7 @@
   };
   const STATE_TEXT = {
     connecting: "Opening the event stream…",
+    loading: "Loading where every session stands…",
     live: "Receiving events as they happen.",
     reconnecting: "Connection lost. Reconnecting…",
     resumed: "Reconnected and resumed where the stream left off.",
@@ -47,6 +54,8 @@
   let filters = { sessionId: "", ownerAccessKey: "", group: "" };
   let received = 0;
   let retryTimer = null;
+  let withState = true; // false once the server said it has no state to give
+  let staging = null; // a state being received: {resync, rows: [[name, data], ...]}
   const sessions = new Map(); // owner + "\n" + session name -> {row, cells}
 
   // --- connection state --------------------------------------------------------------
@@ -58,7 +67,8 @@
   }
 
   function streamUrl(extra) {
-    const params = new URLSearchParams();
+    const params = new URLSearchParams({ withGroup: "true" });
+    if (withState) params.set("initialState", "true");
     for (const [name, value] of Object.entries(filters)) {
       if (value) params.set(name, value);
     }
@@ -74,12 +84,15 @@
     const es = new EventSource(url, { withCredentials: true });
     source = es;
     opened = false;
+    staging = null;
     setState(resumeFrom ? "reconnecting" : "connecting");
     es.onopen = () => {
       if (source !== es) return;
       // A second open of the same EventSource is the browser's own reconnect: it
-      // sent Last-Event-ID, and the server resumes after it.
-      setState(opened || resumeFrom ? "resumed" : "live");
+      // sent Last-Event-ID, and the server resumes after it (or sends a new state).
+      // A state that the drop cut short is dropped: the table is still whole.
+      staging = null;
+      setState(opened || resumeFrom ? "resumed" : withState ? "loading" : "live");
       opened = true;
     };
     es.onerror = () => {
@@ -92,6 +105,8 @@
       }
     };
     for (const name of LIFECYCLE) es.addEventListener(name, onLifecycle);
+    es.addEventListener("stream_state_begin", onStateBegin);
+    es.addEventListener("stream_state_end", onStateEnd);
     es.addEventListener("stream_gap", onGap);
     es.addEventListener("stream_overflow", () => {
       if (source === es) setState("reconnecting", "This page fell behind; catching up…");
@@ -130,6 +145,10 @@
     const detail = (body && body.detail) || `HTTP ${response.status}`;
     if (response.status === 401) {
       signedOut(`Your session has ended (${detail}). Sign in again.`);
+    } else if (body && body.error === "state-unavailable" && withState) {
+      // An upstream without snapshots: changes only, as before there were states.
+      withState = false;
+      connect(lastId);
     } else if (response.status >= 500) {
       retryLater();
     } else {
@@ -156,9 +175,44 @@
       return;
     }
     if (!data || typeof data.sessionId !== "string") return;
+    if (staging) {
+      staging.rows.push([event.type, data]); // where a session stands, not a change
+      return;
+    }
     received += 1;
-    upsert(event.type, data);
-    if (view.status.dataset.state === "connecting") setState("live");
+    upsert(event.type, data, false);
+  }
+
+  function onStateBegin(event) {
+    if (event.target !== source) return;
+    let data = {};
+    try {
+      data = JSON.parse(event.data) || {};
+    } catch {
+      // still a state
+    }
+    // A begin before the last state's end supersedes that one.
+    staging = { resync: data.reason === "resync", rows: [] };
+    if (staging.resync) setState("loading", "The stream could not resume: reloading…");
+  }
+
+  function onStateEnd(event) {
+    if (event.target !== source || !staging) return;
+    if (event.lastEventId) lastId = event.lastEventId;
+    const { resync, rows } = staging;
+    staging = null;
+    replaceTable(rows);
+    setState("live", resync ? "Reloaded: the table shows where every session stands now." : "");
+  }
+
+  // The table, replaced by a state's sessions (given in log order: the newest last).
+  function replaceTable(rows) {
+    sessions.clear();
+    view.rows.replaceChildren();
+    for (const [name, data] of rows) upsert(name, data, true);
+    view.empty.hidden = sessions.size > 0;
+    $("gap-banner").hidden = true;
+    renderMeta();
   }
 
   function onGap(event) {
@@ -189,7 +243,7 @@
     return td;
   }
 
-  function upsert(name, data) {
+  function upsert(name, data, fromState) {
     const owner = typeof data.ownerAccessKey === "string" ? data.ownerAccessKey : "";
     const key = `${owner}\n${data.sessionId}`;
     let entry = sessions.get(key);
@@ -214,9 +268,8 @@
     }
     const { row } = entry;
     if (data.kernelId) entry.session.title = `kernel ${data.kernelId}`;
-    // The events carry no group; a group filter says which group every row is in.
-    const group = data.group || data.groupName || filters.group || "";
-    text(entry.group, group);
+    // The data has the group because the stream asked (withGroup=true).
+    text(entry.group, typeof data.group === "string" ? data.group : filters.group);
 
     const kind = KIND[stage(name)] || (data.result === "FAILURE" ? "failed" : "other");
     const failed = data.result === "FAILURE";
@@ -235,24 +288,35 @@
     entry.result.classList.toggle("result-success", data.result === "SUCCESS");
     entry.result.classList.toggle("result-failure", data.result === "FAILURE");
 
-    const now = new Date();
-    const time = document.createElement("time");
-    time.dateTime = now.toISOString();
-    time.textContent = now.toLocaleTimeString([], { hour12: false });
-    entry.updated.replaceChildren(time);
+    if (fromState) {
+      // Where it stood when the stream opened: when it got there is not known.
+      entry.updated.textContent = "earlier";
+      entry.updated.title = "The state when the stream opened: the time of the change is not known.";
+      entry.updated.classList.add("none");
+    } else {
+      const now = new Date();
+      const time = document.createElement("time");
+      time.dateTime = now.toISOString();
+      time.textContent = now.toLocaleTimeString([], { hour12: false });
+      entry.updated.replaceChildren(time);
+      entry.updated.title = "";
+      entry.updated.classList.remove("none");
+    }
 
-    // Most recently changed first; the change flashes briefly.
+    // Most recently changed first; a change flashes briefly (a state's rows do not).
     view.rows.prepend(row);
     while (sessions.size > MAX_ROWS) {
       const oldest = view.rows.lastElementChild;
       sessions.delete(oldest.dataset.key);
       oldest.remove();
     }
-    row.classList.remove("changed");
-    void row.offsetWidth; // restart the animation
-    row.classList.add("changed");
-    view.empty.hidden = true;
-    renderMeta();
+    if (!fromState) {
+      row.classList.remove("changed");
+      void row.offsetWidth; // restart the animation
+      row.classList.add("changed");
+      view.empty.hidden = true;
+      renderMeta();
+    }
   }
 
   function text(td, value) {
@@ -304,7 +368,7 @@
     const active = [
       ["session", filters.sessionId], ["owner", filters.ownerAccessKey], ["group", filters.group],
     ].filter(([, value]) => value).map(([name, value]) => `${name} ${value}`);
-    if (active.length) text += ` Showing only ${active.join(", ")}, from now on.`;
+    if (active.length) text += ` Showing only ${active.join(", ")}.`;
     hint.textContent = text;
   }
 
@@ -313,7 +377,7 @@
     filters = readFilters();
     renderHint();
     clearTable();
-    connect(); // new parameters: a new stream from now on
+    connect(); // new parameters: a new stream, its state first
   }
 
   // --- sign in and out -------------------------------------------------------------------
@@ -340,6 +404,7 @@
     owner.placeholder = principal.role === "user" ? principal.access_key : "any";
     renderHint();
     clearTable();
+    withState = true;
     connect();
   }
 

@@ -32,9 +32,10 @@ from playwright.sync_api import (
 )
 
 from proxy._pb.kernel_events.v1 import events_pb2 as pb
+from proxy._pb.kernel_events.v1.events_pb2_grpc import KernelEventsServiceServicer
 from proxy.config import Settings
 from proxy.server import RunningProxy, run_proxy
-from proxy.upstream_server import UpstreamServer
+from proxy.upstream_server import EventLog, KernelEventsServicer, UpstreamServer
 
 from ..helpers import ADMIN, RESEARCH_USER, SUPER, USER1, USER1B, USER2, Key, lifecycle
 from .test_login import browser_settings
@@ -299,33 +300,96 @@ def test_superadmin_sees_everything_and_filters_reconnect(
     # A name the dashboard has never heard of still shows (session_* and new names).
     expect(row(page, "inference-api").locator("td.state")).to_have_text("started")
     expect(row(page, "sweep-lr-0.3").locator("td.result")).to_have_text("FAILURE · exit 137")
+    expect(row(page, "etl-nightly").locator("td.group")).to_have_text("data")
     shot = save_screenshot(page, "dashboard-superadmin.png")
     if os.environ.get("KEP_UPDATE_SCREENSHOT") == "1":
         shutil.copyfile(shot, DOCS_SCREENSHOT)
 
-    # A group filter: a new stream with ?group=nlp, only that group from now on.
+    # A group filter: a new stream with ?group=nlp: that group's sessions as they stand
+    # (from the state), then its changes.
     page.get_by_label("Group", exact=True).fill("nlp")
     page.get_by_role("button", name="Apply").click()
     expect(status(page)).to_have_attribute("data-state", "live")
-    expect(page.locator("#rows tr")).to_have_count(0)
+    expect(page.locator("#rows tr")).to_have_count(2)
+    expect(row(page, "bigmem-job").locator("td.state")).to_have_text("cancelled")
     wait_for(lambda: proxy.clients() == 1)
     emit(
         upstream,
         lifecycle("kernel_started", "train-resnet50", USER1, group="vision"),
         lifecycle("kernel_started", "llm-finetune-7b", USER2, group="nlp"),
     )
+    expect(row(page, "llm-finetune-7b").locator("td.state")).to_have_text("started")
     expect(row(page, "llm-finetune-7b").locator("td.group")).to_have_text("nlp")
-    expect(page.locator("#rows tr")).to_have_count(1)
+    expect(page.locator("#rows tr")).to_have_count(2)
     save_screenshot(page, "dashboard-filtered.png")
+
+
+NINE_SESSIONS = [
+    ("train-resnet50", USER1, "vision", ["kernel_preparing", "kernel_pulling", "kernel_started"]),
+    ("llm-finetune-7b", USER2, "nlp", ["session_enqueued", "session_scheduled", "kernel_pulling"]),
+    ("notebook-jhkim", ADMIN, "vision", ["kernel_creating", "kernel_started", "session_started"]),
+    ("etl-nightly", RESEARCH_USER, "data", ["kernel_started", "kernel_terminated"]),
+    ("bigmem-job", USER2, "nlp", ["session_enqueued", "session_cancelled"]),
+    ("render-blender", RESEARCH_USER, "data", ["kernel_preparing", "kernel_creating"]),
+    ("inference-api", SUPER, "serving", ["session_started"]),
+    ("sweep-lr-0.3", USER1B, "vision", ["kernel_started", "session_failure"]),
+    ("shell-tmp", USER1, "scratch", ["session_started", "session_terminating"]),
+]
+
+
+def test_a_page_opened_after_sessions_ran_shows_where_each_stands(
+    start_proxy: Callable[..., ProxyThread],
+    upstream: UpstreamServer,
+    browser: Browser,
+    context: BrowserContext,
+) -> None:
+    # The issue's first report: nine sessions ran, and a page opened afterwards was empty.
+    emit(
+        upstream,
+        *(
+            lifecycle(name, session, owner, group=group, reason="oom" if "fail" in name else None,
+                      exit_code=1 if "fail" in name else None)
+            for session, owner, group, names in NINE_SESSIONS
+            for name in names
+        ),
+    )  # fmt: skip
+    proxy = start_proxy()
+    page = sign_in(context, proxy.url, SUPER)
+    expect(page.locator("#rows tr")).to_have_count(9)
+    for session, owner, group, names in NINE_SESSIONS:
+        expect(row(page, session)).to_have_attribute("data-event", names[-1])
+        expect(row(page, session).locator("td.group")).to_have_text(group)
+        expect(row(page, session).locator("td.owner")).to_have_text(owner.access_key)
+        expect(row(page, session).locator("td.updated")).to_have_text("earlier")
+    expect(row(page, "sweep-lr-0.3").locator("td.result")).to_have_text("exit 1")
+    # Newest change first, as live rows are.
+    expect(page.locator("#rows tr").first).to_have_attribute("data-session", "shell-tmp")
+    expect(page.locator("#meta")).to_have_text("9 sessions · 0 events received")
+    expect(page.locator("#empty")).to_be_hidden()
+    save_screenshot(page, "dashboard-state.png")
+    # Then changes, on top of the state.
+    emit(upstream, lifecycle("kernel_started", "render-blender", RESEARCH_USER, group="data"))
+    expect(row(page, "render-blender").locator("td.state")).to_have_text("started")
+    expect(page.locator("#meta")).to_have_text("9 sessions · 1 event received")
+    # A user's page: only their own user's sessions, from the state too.
+    theirs = browser.new_context(viewport={"width": 1280, "height": 760})
+    try:
+        theirs.set_default_timeout(TIMEOUT_MS)
+        other = sign_in(theirs, proxy.url, USER1)
+        expect(other.locator("#rows tr")).to_have_count(3)  # USER1's two, USER1B's one
+    finally:
+        theirs.close()
 
 
 def test_proxy_restart_resumes_without_losing_a_change(
     upstream: UpstreamServer, proxies: list[ProxyThread], context: BrowserContext
 ) -> None:
     settings = browser_settings(upstream.target, {"server": {"bind": f"127.0.0.1:{free_port()}"}})
+    emit(upstream, lifecycle("kernel_started", "before", USER1, group="g-before"))
     first = ProxyThread(settings).start()
     proxies.append(first)
     page = sign_in(context, first.url, USER1)
+    expect(row(page, "before").locator("td.group")).to_have_text("g-before")  # the state
     streams: list[Request] = []
     page.on("request", lambda r: streams.append(r) if r.resource_type == "eventsource" else None)
     emit(upstream, lifecycle("kernel_preparing", "survivor", USER1))
@@ -351,33 +415,78 @@ def test_proxy_restart_resumes_without_losing_a_change(
     # The browser's own reconnect: the same URL, with the Last-Event-ID it kept.
     assert streams, "the browser made no new stream request"
     reconnect = streams[-1]
-    assert reconnect.url == f"{first.url}/stream/kernel/_/events"
+    assert reconnect.url == f"{first.url}/stream/kernel/_/events?withGroup=true&initialState=true"
     assert reconnect.all_headers().get("last-event-id", "").count(":") == 1
     expect(page.locator("#gap-banner")).to_be_hidden()
-    expect(page.locator("#rows tr")).to_have_count(2)
-    # Nothing twice: one preparing, then the two changes made while it was down.
-    expect(page.locator("#meta")).to_have_text("2 sessions · 3 events received")
+    expect(page.locator("#rows tr")).to_have_count(3)
+    # Nothing twice, no state resent: one preparing, then the two changes made while it
+    # was down.
+    expect(page.locator("#meta")).to_have_text("3 sessions · 3 events received")
+    expect(row(page, "before").locator("td.updated")).to_have_text("earlier")
     emit(upstream, lifecycle("kernel_terminated", "survivor", USER1, result=pb.RESULT_SUCCESS))
     expect(row(page, "survivor")).to_have_attribute("data-event", "kernel_terminated")
     save_screenshot(page, "dashboard-resumed.png")
     print(f"proxy stopped and restarted: page resumed after {resumed_after:.1f} s")
 
 
-def test_gap_notice_shows_a_banner(
-    start_proxy: Callable[..., ProxyThread], context: BrowserContext
+def test_a_new_upstream_log_replaces_the_table_rather_than_adding_to_it(
+    start_proxy: Callable[..., ProxyThread], upstream: UpstreamServer, context: BrowserContext
 ) -> None:
+    emit(upstream, lifecycle("kernel_started", "old-one", ADMIN),
+         lifecycle("kernel_started", "old-two", ADMIN))  # fmt: skip
     proxy = start_proxy()
     page = sign_in(context, proxy.url, ADMIN)
-    hub = proxy.call(lambda: proxy.running.hub if proxy.running else None)
-    assert hub is not None
-    proxy.call(lambda: hub.publish_gap("upstream-log-changed", "a:1", "b:1"))
-    expect(status(page)).to_have_attribute("data-state", "gap")
-    expect(page.locator("#gap-banner")).to_be_visible()
-    expect(page.locator("#gap-text")).to_contain_text("upstream-log-changed")
-    save_screenshot(page, "dashboard-gap.png")
-    page.get_by_role("button", name="Dismiss").click()
-    expect(page.locator("#gap-banner")).to_be_hidden()
-    expect(status(page)).to_have_attribute("data-state", "live")
+    expect(page.locator("#rows tr")).to_have_count(2)
+    # The upstream comes back with a new log (a rebuilt cluster manager): the proxy
+    # sends a resync, and the page shows that state instead of the one it had.
+    upstream.stop(0)
+    fresh = UpstreamServer(EventLog(), f"127.0.0.1:{upstream.port}")
+    emit(fresh, lifecycle("session_started", "new-one", ADMIN, group="g-new"))
+    fresh.start()
+    try:
+        expect(row(page, "new-one")).to_have_attribute("data-event", "session_started")
+        expect(page.locator("#rows tr")).to_have_count(1)
+        expect(status(page)).to_have_attribute("data-state", "live")
+        expect(page.locator("#status-text")).to_have_text(
+            "Reloaded: the table shows where every session stands now."
+        )
+        expect(page.locator("#gap-banner")).to_be_hidden()
+        save_screenshot(page, "dashboard-resync.png")
+        emit(fresh, lifecycle("session_terminated", "new-one", ADMIN))
+        expect(row(page, "new-one").locator("td.state")).to_have_text("terminated")
+        expect(page.locator("#meta")).to_have_text("1 session · 1 event received")
+        assert proxy.clients() == 1
+    finally:
+        fresh.stop(0)
+
+
+def test_a_gap_notice_shows_a_banner_where_the_upstream_has_no_state(
+    monkeypatch: pytest.MonkeyPatch, proxies: list[ProxyThread], context: BrowserContext
+) -> None:
+    # An upstream from before the Snapshot rpc: the page falls back to changes only,
+    # and a gap is a banner again.
+    monkeypatch.setattr(KernelEventsServicer, "Snapshot", KernelEventsServiceServicer.Snapshot)
+    old = UpstreamServer(EventLog(), "127.0.0.1:0")
+    old.start()
+    try:
+        proxy = ProxyThread(browser_settings(old.target)).start()
+        proxies.append(proxy)
+        page = sign_in(context, proxy.url, ADMIN)
+        wait_for(lambda: proxy.clients() == 1)
+        emit(old, lifecycle("kernel_started", "no-state", ADMIN))
+        expect(row(page, "no-state")).to_have_attribute("data-event", "kernel_started")
+        hub = proxy.call(lambda: proxy.running.hub if proxy.running else None)
+        assert hub is not None
+        proxy.call(lambda: hub.publish_gap("upstream-log-changed", "a:1", "b:1"))
+        expect(status(page)).to_have_attribute("data-state", "gap")
+        expect(page.locator("#gap-banner")).to_be_visible()
+        expect(page.locator("#gap-text")).to_contain_text("upstream-log-changed")
+        save_screenshot(page, "dashboard-gap.png")
+        page.get_by_role("button", name="Dismiss").click()
+        expect(page.locator("#gap-banner")).to_be_hidden()
+        expect(status(page)).to_have_attribute("data-state", "live")
+    finally:
+        old.stop(0)
 
 
 def test_a_refused_stream_says_why(

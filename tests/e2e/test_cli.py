@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -20,7 +21,7 @@ from proxy._pb.kernel_events.v1 import events_pb2_grpc as pb_grpc
 from proxy.upstream_server import UpstreamServer
 
 from ..conftest import ProxyUnderTest
-from ..helpers import USER1, USER2, lifecycle, wait_until
+from ..helpers import ADMIN, USER1, USER2, Key, lifecycle, wait_until
 
 BIN = Path(sys.executable).parent / "kernel-events-proxy"
 
@@ -300,3 +301,170 @@ def test_serving_processes_collect_garbage_less_often() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+# --- wait and tail --state: real processes against a running proxy -------------------
+
+
+def client_env(key: Key) -> dict[str, str]:
+    return {
+        **os.environ,
+        "BACKEND_ACCESS_KEY": key.access_key,
+        "BACKEND_SECRET_KEY": key.secret_key,
+    }
+
+
+async def run_cli(proxy: ProxyUnderTest, *args: str, key: Key = USER1) -> tuple[int, str, str]:
+    result = await trio.run_process(
+        [str(BIN), *args, "--url", proxy.url],
+        env=client_env(key),
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+UUID_S = "00000000-0000-4000-8000-0000000000a1"
+
+
+async def test_wait_exits_0_for_an_event_reached_before_it_started(
+    proxy: ProxyUnderTest, upstream: UpstreamServer
+) -> None:
+    upstream.log.append(
+        [
+            lifecycle("session_scheduled", "job", USER1, session_uuid=UUID_S),
+            lifecycle("kernel_started", "job", USER1, kernel_id="k1", session_uuid=UUID_S),
+            lifecycle("session_started", "job", USER1, session_uuid=UUID_S),
+        ]
+    )
+    await wait_until(lambda: proxy.running.hub.last_sequence == 3)
+    code, out, err = await run_cli(proxy, "wait", "job", "--for", "session_started")
+    assert (code, out, err) == (0, "job: session_started\n", "")
+    # An earlier step of the way up is reached too; and by UUID, as an admin.
+    code, out, _ = await run_cli(proxy, "wait", "job", "--for", "kernel_pulling")
+    assert (code, out) == (0, "job: kernel_started (kernel k1)\n")
+    code, out, _ = await run_cli(proxy, "wait", UUID_S, "--uuid", "--for", "session_started",
+                                 key=ADMIN)  # fmt: skip
+    assert (code, out) == (0, f"{UUID_S}: session_started\n")
+
+
+async def test_wait_follows_until_the_event_comes(
+    proxy: ProxyUnderTest, upstream: UpstreamServer
+) -> None:
+    done: list[tuple[int, str, str]] = []
+
+    async def wait() -> None:
+        args = (
+            "wait",
+            "later",
+            "--owner",
+            USER1.access_key,
+            "--for",
+            "kernel_started,session_started",
+        )
+        done.append(await run_cli(proxy, *args, key=ADMIN))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        await wait_until(lambda: proxy.running.hub.clients == 1, timeout=20)
+        upstream.log.append(
+            [
+                lifecycle("kernel_started", "later", USER2),  # another owner's "later"
+                lifecycle("kernel_pulling", "later", USER1),
+                lifecycle("kernel_started", "later", USER1, reason="up"),
+            ]
+        )
+    assert done == [(0, "later: kernel_started (reason=up)\n", "")]
+
+
+@pytest.mark.parametrize(
+    ("ending", "extra", "code", "says"),
+    [
+        ("session_failure", {"exit_code": 2, "reason": "task-failed"}, 3,
+         "failed without reaching session_started: session_failure (reason=task-failed, "
+         "exit code 2) [exit 3]"),
+        ("session_cancelled", {"reason": "pending-timeout"}, 4,
+         "was cancelled without reaching session_started: session_cancelled "
+         "(reason=pending-timeout) [exit 4]"),
+        ("session_terminated", {"reason": "user-requested"}, 5,
+         "ended without reaching session_started: session_terminated "
+         "(reason=user-requested) [exit 5]"),
+    ],
+)  # fmt: skip
+async def test_wait_says_how_a_session_ended_otherwise(
+    proxy: ProxyUnderTest,
+    upstream: UpstreamServer,
+    ending: str,
+    extra: dict[str, Any],
+    code: int,
+    says: str,
+) -> None:
+    done: list[tuple[int, str, str]] = []
+
+    async def wait() -> None:
+        done.append(await run_cli(proxy, "wait", "doomed", "--for", "session_started"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        # Its state handed over (read from the upstream on demand): what follows is live.
+        await wait_until(lambda: proxy.running.hub.state_writes == 1, timeout=20)
+        upstream.log.append([lifecycle("session_scheduled", "doomed", USER1),
+                             lifecycle(ending, "doomed", USER1, **extra)])  # fmt: skip
+    ((got, out, err),) = done
+    assert (got, out, err) == (code, "", f"wait: doomed {says}\n")
+    # Already over when the next wait starts: it says so, from the state.
+    got, _, err = await run_cli(proxy, "wait", "doomed", "--for", "session_started")
+    assert got == code
+    assert "doomed had already" in err
+
+
+async def test_wait_times_out_with_124_and_refuses_bad_credentials_with_2(
+    proxy: ProxyUnderTest, upstream: UpstreamServer
+) -> None:
+    upstream.log.append([lifecycle("kernel_pulling", "slow", USER1, reason="img:1")])
+    await wait_until(lambda: proxy.running.hub.last_sequence == 1)
+    code, _, err = await run_cli(proxy, "wait", "slow", "--for", "kernel_started",
+                                 "--timeout", "0.5")  # fmt: skip
+    assert code == 124
+    assert err == (
+        "wait: timed out after 0.5 s waiting for slow to reach kernel_started; it is at "
+        "kernel_pulling (reason=img:1)\n"
+    )
+    wrong = Key(USER1.access_key, "not-the-secret", "user", "u1", "default")
+    code, _, err = await run_cli(proxy, "wait", "slow", "--for", "kernel_started", key=wrong)
+    assert code == 2
+    assert "401" in err
+    assert "Traceback" not in err
+
+
+async def test_tail_state_prints_the_state_then_follows(
+    proxy: ProxyUnderTest, upstream: UpstreamServer
+) -> None:
+    upstream.log.append(
+        [
+            lifecycle("kernel_started", "a", USER1),
+            lifecycle("kernel_started", "b", USER2),
+            lifecycle("kernel_terminated", "a", USER1, exit_code=0),
+        ]
+    )
+    await wait_until(lambda: proxy.running.hub.last_sequence == 3)
+    done: list[tuple[int, str, str]] = []
+
+    async def tail() -> None:
+        done.append(await run_cli(proxy, "tail", "--state", "--json", "--count", "4"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tail)
+        await wait_until(lambda: proxy.running.hub.state_writes == 1, timeout=20)
+        upstream.log.append([lifecycle("kernel_started", "c", USER1)])
+    ((code, out, _),) = done
+    assert code == 0
+    lines = [json.loads(line) for line in out.splitlines()]
+    log_id = upstream.log.log_id
+    assert [(line["event"], line["id"], line["data"].get("sessionId")) for line in lines] == [
+        ("stream_state_begin", None, None),
+        ("kernel_terminated", None, "a"),  # USER1 sees a, not USER2's b
+        ("stream_state_end", f"{log_id}:3", None),
+        ("kernel_started", f"{log_id}:4", "c"),
+    ]

@@ -37,7 +37,14 @@ DIST_NAME: str = PYPROJECT["project"]["name"]
 VERSION: str = PYPROJECT["project"]["version"]
 SCRIPT = "kernel-events-proxy"
 # Subcommands that must exist; more may (they are discovered from the parser).
-EXPECTED_COMMANDS = {("serve",), ("upstream",), ("config",), ("config", "check"), ("tail",)}
+EXPECTED_COMMANDS = {
+    ("serve",),
+    ("upstream",),
+    ("config",),
+    ("config", "check"),
+    ("tail",),
+    ("wait",),
+}
 
 REQUIRED_FILES = (
     "proxy/py.typed",
@@ -318,7 +325,7 @@ def test_every_public_module_imports_from_the_venv(installed: Installed) -> None
     errors: dict[str, str] = report["errors"]
     assert not errors, "\n".join(f"{name}:\n{trace}" for name, trace in errors.items())
     modules = set(report["modules"])
-    assert {"proxy.cli", "proxy.client", "proxy.tail"} <= modules, modules
+    assert {"proxy.cli", "proxy.client", "proxy.tail", "proxy.wait"} <= modules, modules
     assert {
         "proxy._pb.kernel_events.v1.events_pb2",
         "proxy._pb.kernel_events.v1.events_pb2_grpc",
