@@ -42,7 +42,7 @@ from .common import (
 )
 from .procs import ROOT, Child, ChildError, call_all
 from .profiling import Profiler
-from .systems import SYSTEMS, Paths, System
+from .systems import SYSTEMS, Paths, ProxySystem, System
 
 # The dashboard storm comes last: it empties the upstream's state table (its figures
 # are for a state of its own sessions only), which every later proxy would load.
@@ -845,6 +845,8 @@ class Bench:
         s = self.scale
         assert self.driver is not None
         self.driver.call({"op": "clear_state"})
+        if isinstance(system, ProxySystem):
+            system.keep_state = True  # held from start-up, so its RSS can be read
         system.start(users=0, route="all")
         self.pause(1.0)
         empty = system.rss()

@@ -120,6 +120,9 @@ class ProxySystem(System):
     auth = "HMAC (signed once per connection)"
     filtering = "index + policy per matching client"
     workers = 1
+    # Read the state at start-up and keep it ([state] idle_timeout = 0): the dashboard
+    # storm measures a state held, and its RSS; by default the proxy reads it on demand.
+    keep_state = False
 
     def start(self, *, users: int, route: str) -> Paths:
         config = self.work / f"{self.key}-{users}.toml"
@@ -136,6 +139,8 @@ class ProxySystem(System):
         limits = proxy_limits()
         if limits:
             lines.append("[limits]\n" + "".join(f"{k} = {v}\n" for k, v in limits.items()))
+        if self.keep_state:
+            lines.append("[state]\nidle_timeout = 0\n")
         lines.extend(
             f'[[keypairs]]\naccess_key = "{user_key(i)}"\nsecret_key = "{user_secret(i)}"\n'
             f'role = "user"\nuser_id = "{user_id(i)}"\ndomain = "default"\n'
