@@ -162,7 +162,23 @@ class Received:
 
     @property
     def ids(self) -> list[str | None]:
-        return [e.id for e in self.events if not e.is_gap]
+        """The ids of the changes received (not a state's markers or its events)."""
+        return [
+            e.id
+            for e in self.events
+            if not (e.is_gap or e.is_state_begin or e.is_state_end or e.from_state)
+        ]
+
+    def latest(self) -> dict[tuple[str, str], str]:
+        """What a client that applies the states and then the changes holds: the
+        latest event's name per session (a state's begin starts over)."""
+        held: dict[tuple[str, str], str] = {}
+        for e in self.events:
+            if e.is_state_begin:
+                held = {}
+            elif not (e.is_gap or e.is_state_end):
+                held[(e.data["ownerAccessKey"], e.data["sessionId"])] = e.name
+        return held
 
     @property
     def gaps(self) -> list[dict[str, Any]]:
@@ -333,9 +349,14 @@ async def stream_opens(replica: Spawned) -> list[tuple[str, str]]:
 # -- the test -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("initial_state", [False, True], ids=["changes", "state"])
 async def test_clients_fail_over_between_replicas_behind_nginx(
-    tmp_path: Path, processes: Processes
+    tmp_path: Path, processes: Processes, initial_state: bool
 ) -> None:
+    """A replica is killed mid-way; its clients land on the other one with their
+    Last-Event-ID. With ``initial_state`` every client follows state (initialState):
+    it never sees a gap, and what it holds at the end is the whole log's latest event
+    per session that it may see."""
     nginx = find_nginx()
     sent = make_events(TOTAL_EVENTS)
     late = session_name(USER2, LATE_SESSION)
@@ -413,6 +434,7 @@ async def test_clients_fail_over_between_replicas_behind_nginx(
                     retry_delay=0.05,
                     max_retry_delay=0.5,
                     read_timeout=5.0,
+                    initial_state=initial_state,
                 )
                 async with aclosing(events) as stream:
                     async for event in stream:
@@ -472,6 +494,17 @@ async def test_clients_fail_over_between_replicas_behind_nginx(
                 got = received[watch]
                 if got.gaps:
                     failures.append(f"{watch.label}: stream_gap {got.gaps}")
+                elif initial_state:
+                    reference: dict[tuple[str, str], str] = {}
+                    for e in sent:
+                        if watch.may_see(e):
+                            reference[(e["ownerAccessKey"], e["sessionId"])] = e["name"]
+                    if not reference:
+                        failures.append(f"{watch.label}: the test expects nothing of it")
+                    elif not got.events or not got.events[0].is_state_begin:
+                        failures.append(f"{watch.label}: no state first")
+                    elif got.latest() != reference:
+                        failures.append(f"{watch.label}: holds {got.latest()}, not {reference}")
                 elif got.ids != expected[watch]:
                     difference = describe_difference(got.ids, expected[watch])
                     failures.append(f"{watch.label}: {difference}")
