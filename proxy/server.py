@@ -11,7 +11,6 @@ its supervisor made and passed down, asks the group for limits, metrics and heal
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from prometheus_client import make_asgi_app
 from . import direct
 from .app import create_app
 from .config import ConfigError, Settings, load_keypairs_file
+from .errors import error_body
 from .group import WorkerGroup, metrics_asgi
 from .hub import Hub
 from .keys import KeyStore
@@ -112,11 +112,10 @@ _close_even_when_cancelled()
 
 
 # What the HTTP layer refuses before any route sees it, in the API's JSON error shape.
-_FRAMING_ERRORS: dict[int, tuple[str, str, str]] = {
-    400: ("bad-request", "Bad Request", "the request is not valid HTTP/1.1"),
+_FRAMING_ERRORS: dict[int, tuple[str, str]] = {
+    400: ("bad-request", "the request is not valid HTTP/1.1"),
     431: (
         "headers-too-large",
-        "Request Header Fields Too Large",
         "the request head is larger than this server accepts (limits.max_header_bytes)",
     ),
 }
@@ -135,13 +134,10 @@ def _json_framing_errors() -> None:
         return
 
     async def _send_error_response(self: H11Protocol, status_code: int) -> None:
-        error, title, detail = _FRAMING_ERRORS.get(
-            status_code, ("bad-request", "Bad Request", "the request could not be parsed")
+        error, detail = _FRAMING_ERRORS.get(
+            status_code, ("bad-request", "the request could not be parsed")
         )
-        body = json.dumps(
-            {"status": status_code, "error": error, "title": title, "detail": detail},
-            separators=(",", ":"),
-        ).encode()
+        body = error_body(status_code, error, detail).encode()
         await self._send_h11_event(
             h11.Response(
                 status_code=status_code,

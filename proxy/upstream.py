@@ -7,9 +7,11 @@ called from a sibling task's ``finally``, so no thread outlives the bridge.
 On any failure the bridge reconnects with exponential backoff and full jitter and
 resumes after the last sequence it saw; clients stay connected meanwhile.
 
-Every connection starts with the upstream's ``Snapshot`` (where every session stands,
-at a log position), read and folded in a worker thread and handed to the hub whole;
-the first subscription then starts from exactly that position (list, then watch).
+When the hub wants a state (a stream asked for ``initialState``, or one is kept:
+``state.idle_timeout``), the upstream's ``Snapshot`` (where every session stands, at a
+log position) is read and folded in a worker thread and handed to the hub whole: at a
+connection, before it subscribes (the first subscription then starts from exactly that
+position: list, then watch), or in the consumer's round when asked later.
 """
 
 from __future__ import annotations
@@ -408,7 +410,8 @@ class UpstreamBridge:
             call.cancel()  # type: ignore[no-untyped-call]
 
     async def _reload_state(self) -> None:
-        """Events went missing that the hub's state does not hold: read it again."""
+        """The hub wants a state it does not hold (none yet, or events went missing
+        that it does not hold): read it from the upstream."""
         channel = self._channel_factory(self._settings.target)
         try:
             await self._load_state(channel)
