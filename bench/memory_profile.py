@@ -51,7 +51,7 @@ def _settings(target: str) -> Settings:
     )
 
 
-async def _measure(target: str, n: int, logs: Path) -> Json:
+async def _measure(target: str, n: int, logs: Path, frames: int) -> Json:
     async with trio.open_nursery() as nursery:
         running: RunningProxy = await nursery.start(run_proxy, _settings(target))
         for _ in range(600):  # the upstream is attached within seconds
@@ -91,6 +91,18 @@ async def _measure(target: str, n: int, logs: Path) -> Json:
         }
         for stat in after.compare_to(before, "lineno")[:20]
     ]
+    # With deeper tracebacks (--frames): whose code asked, the innermost frame of this
+    # project (or "-" for none), so trio's and hypercorn's allocations are charged to
+    # the line of ours that caused them.
+    by_caller: dict[str, float] = {}
+    if frames > 1:
+        for stat in after.compare_to(before, "traceback"):
+            ours = [f for f in stat.traceback if "/proxy/" in f.filename]
+            where = (
+                f"{ours[-1].filename.rsplit('/proxy/', 1)[-1]}:{ours[-1].lineno}" if ours else "-"
+            )
+            by_caller[where] = by_caller.get(where, 0.0) + stat.size_diff
+    callers = sorted(by_caller.items(), key=lambda kv: -kv[1])
     ranked = sorted(by_package.items(), key=lambda kv: -kv[1])
     if answer["connected"] != n or clients < n:
         raise RuntimeError(f"{answer['connected']} of {n} connected, hub has {clients}")
@@ -100,6 +112,7 @@ async def _measure(target: str, n: int, logs: Path) -> Json:
         "traced_kib_per_connection": total / n / 1024,
         "by_package_kib_per_connection": [[k, round(v / n / 1024, 2)] for k, v in ranked[:15]],
         "top_sites": sites,
+        "by_caller_kib_per_connection": [[k, round(v / n / 1024, 2)] for k, v in callers[:25]],
     }
 
 
@@ -107,14 +120,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument(
+        "--frames",
+        type=int,
+        default=1,
+        help="traceback depth; above 1 also charges each allocation to this project's "
+        "innermost line that led to it (slower)",
+    )
     args = parser.parse_args()
     raise_fd_limit()
     logs = args.out / "work" / "logs"
     upstream = Child("memory-upstream", [sys.executable, "-m", "bench.upstream_driver"], logs)
     try:
         target = str(upstream.expect(60)["target"])
-        tracemalloc.start(1)
-        result = trio.run(_measure, target, args.connections, logs)
+        tracemalloc.start(args.frames)
+        result = trio.run(_measure, target, args.connections, logs, args.frames)
     finally:
         upstream.stop()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -131,6 +151,10 @@ def main() -> None:
             f"    {site['bytes_per_connection'] / 1024:7.2f} KiB "
             f"{site['blocks_per_connection']:5.1f} blocks  {site['site']}"
         )
+    if result["by_caller_kib_per_connection"]:
+        print("  by this project's innermost line that led to it:")
+        for where, kib in result["by_caller_kib_per_connection"]:
+            print(f"    {kib:7.2f} KiB  {where}")
 
 
 if __name__ == "__main__":

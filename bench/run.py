@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -1023,6 +1023,28 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def override(scale: Scale, assignments: Sequence[str]) -> Scale:
+    """``scale`` with ``FIELD=VALUE`` assignments applied, each converted to the
+    field's type (a tuple field takes comma-separated values)."""
+    known = {f.name: f for f in fields(Scale)}
+    changes: dict[str, object] = {}
+    for item in assignments:
+        name, sep, text = item.partition("=")
+        if not sep or name not in known:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE, FIELD one of {sorted(known)}")
+        current = getattr(scale, name)
+        try:
+            if isinstance(current, tuple):
+                changes[name] = tuple(type(current[0])(v) for v in text.split(",") if v)
+            else:
+                changes[name] = type(current)(text)
+        except ValueError:
+            raise ValueError(
+                f"--set {item!r}: {text!r} is not a {type(current).__name__}"
+            ) from None
+    return replace(scale, **changes)  # type: ignore[arg-type]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.run", description=__doc__.splitlines()[0]
@@ -1035,6 +1057,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--budget", type=float, help="seconds for the whole run")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override one field of the scale (e.g. storm_clients=2000); repeatable",
+    )
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -1050,6 +1079,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     scale = MODES[mode_name]
     if args.budget:
         scale = replace(scale, budget=args.budget)
+    try:
+        scale = override(scale, args.set)
+    except ValueError as exc:
+        parser.error(str(exc))
     systems = [s for s in args.systems.split(",") if s]
     scenarios = [s for s in args.scenarios.split(",") if s]
     unknown = sorted(set(systems) - set(SYSTEMS)) + sorted(set(scenarios) - set(SCENARIOS))

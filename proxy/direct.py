@@ -36,7 +36,10 @@ from typing import Any, Final
 
 import h11
 import trio
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.events import Closed, RawData
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
+
+from .pacing import Pacer
 
 _CONNECTION: Final[ContextVar[TCPServer | None]] = ContextVar("kep_connection", default=None)
 _MSG_NOSIGNAL: Final = getattr(socket, "MSG_NOSIGNAL", 0)
@@ -50,12 +53,15 @@ def chunk(payload: bytes) -> bytes:
 class ChunkSink:
     """The socket of one HTTP/1.1 response body, for chunked writes from any task."""
 
-    __slots__ = ("_lock", "_sock", "_stream")
+    __slots__ = ("_lock", "_sock", "_stream", "gone")
 
     def __init__(self, stream: trio.SocketStream, sock: socket.socket, lock: trio.Lock) -> None:
         self._stream = stream
         self._sock = sock
         self._lock = lock
+        # The client closed the connection: writes are dropped until the stream ends
+        # (its end may wait its turn: see install).
+        self.gone = False
 
     def try_write(self, data: bytes) -> bytes:
         """Write as much of ``data`` (framed bytes) as the socket takes now.
@@ -63,6 +69,8 @@ class ChunkSink:
         Returns what is left (``b""`` when everything went); raises ``OSError`` when
         the connection is gone. Never blocks and never yields to the scheduler.
         """
+        if self.gone:
+            return b""
         if self._lock.locked():  # hypercorn (or this stream's task) is mid-write
             return data
         try:
@@ -94,12 +102,25 @@ def current_sink(scope: Mapping[str, Any]) -> ChunkSink | None:
     sock = getattr(stream.socket, "_sock", None)
     if not isinstance(sock, socket.socket):
         return None
-    return ChunkSink(stream, sock, server.send_lock)
+    sink = ChunkSink(stream, sock, server.send_lock)
+    server._kep_sink = sink
+    return sink
 
 
 def current_connection() -> TCPServer | None:
     """The hypercorn connection this task serves (None outside one)."""
     return _CONNECTION.get()
+
+
+def client_left(server: TCPServer | None) -> bool:
+    """Has this HTTP/1.x connection stopped being read (the client closed or reset it)?
+
+    Then nothing written to it can arrive: a stream that ends for that reason skips
+    the end of its body (h11's ``0\r\n\r\n``), which was a locked, shielded write and
+    a second close per departed client, a third of what 4,000 leaving at once cost
+    (docs/benchmarks.md). Hypercorn closes the socket when the connection's task ends.
+    """
+    return server is not None and getattr(server, "_kep_eof", False)
 
 
 def on_eof(server: TCPServer, callback: Callable[[], None]) -> Callable[[], None]:
@@ -110,7 +131,7 @@ def on_eof(server: TCPServer, callback: Callable[[], None]) -> Callable[[], None
     it cannot end one response without ending the connection. It lets a stream notice
     a departed client without a task of its own waiting on ASGI ``receive``.
     """
-    if getattr(server, "_kep_eof", False):
+    if client_left(server):
         callback()
         return _nothing
     callbacks: set[Callable[[], None]] = server.__dict__.setdefault("_kep_on_eof", set())
@@ -127,10 +148,9 @@ def install() -> None:
 
     - ``run`` sets a context variable to the connection, which the app's task inherits
       (hypercorn spawns it from the connection's task), for ``current_sink``;
-    - ``_read_data``, the connection's read loop, runs the ``on_eof`` callbacks when
-      it ends, however it ends.
+    - ``_read_data``, the connection's read loop, is replaced by ``_read_loop``.
     """
-    original_run, original_read = TCPServer.run, TCPServer._read_data
+    original_run = TCPServer.run
     if getattr(original_run, "_kep_direct", False):
         return
 
@@ -138,14 +158,73 @@ def install() -> None:
         _CONNECTION.set(self)
         await original_run(self)
 
-    async def read_data(self: TCPServer) -> None:
-        try:
-            await original_read(self)
-        finally:
-            self._kep_eof = True  # type: ignore[attr-defined]
-            for callback in list(self.__dict__.get("_kep_on_eof", ())):
-                callback()
-
     run._kep_direct = True  # type: ignore[attr-defined]
     TCPServer.run = run  # type: ignore[method-assign]
-    TCPServer._read_data = read_data  # type: ignore[method-assign]
+    TCPServer._read_data = _read_loop  # type: ignore[method-assign]
+
+
+async def _read_loop(self: TCPServer) -> None:
+    """A connection's read loop: hypercorn's, with its end taken in turn.
+
+    As hypercorn's: hand what arrives to the protocol; at the end of the input (or a
+    read error or timeout) tell it, then ``Closed``. Two additions:
+
+    - when the client closed, its direct stream's writes stop at once (``gone``), and
+      the end is handled when the config's ``endings`` pacer (pacing.py) gives it its
+      turn: thousands leaving together end a few dozen per scheduler batch, not all in
+      each of the several batches an end takes;
+    - the ``on_eof`` callbacks run once the protocol knows, however the loop ends.
+    """
+    ended_by_client = False
+    timeout = self.config.read_timeout
+    try:
+        while True:
+            try:
+                data = await _receive(self.stream, timeout)
+            except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+                break
+            if not data:
+                ended_by_client = True
+                break
+            await self.protocol.handle(RawData(data))
+        self._kep_eof = True  # type: ignore[attr-defined]
+        sink: ChunkSink | None = self.__dict__.get("_kep_sink")
+        if sink is not None:
+            sink.gone = True
+        endings: Pacer | None = getattr(self.config, "endings", None)
+        if endings is not None:
+            await endings.turn()
+        if ended_by_client:
+            await self.protocol.handle(RawData(b""))
+        await self.protocol.handle(Closed())
+    finally:
+        self._kep_eof = True  # type: ignore[attr-defined]
+        for callback in list(self.__dict__.get("_kep_on_eof", ())):
+            callback()
+
+
+async def _receive(stream: Any, read_timeout: float | None) -> bytes:
+    """What has arrived on a connection (``b""``: its end); raises as ``receive_some``.
+
+    Without a read timeout (this proxy's own config: a stream's client never sends
+    again), a plain socket is read with one ``wait_readable`` and ``recv``: no cancel
+    scope per read, and none of ``SocketStream.receive_some``'s layers, whose frames an
+    idle connection holds for as long as it is open (with hypercorn's ``fail_after``,
+    2 KiB of each idle stream's memory).
+    """
+    if read_timeout is not None:
+        with trio.fail_after(read_timeout):
+            return bytes(await stream.receive_some(MAX_RECV))
+    sock = getattr(stream.socket, "_sock", None) if isinstance(stream, trio.SocketStream) else None
+    if not isinstance(sock, socket.socket):
+        return bytes(await stream.receive_some(MAX_RECV))
+    while True:
+        if sock.fileno() == -1:
+            raise trio.ClosedResourceError("the connection was closed")
+        await trio.lowlevel.wait_readable(sock)
+        try:
+            return sock.recv(MAX_RECV)
+        except BlockingIOError:
+            continue
+        except OSError as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc

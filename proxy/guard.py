@@ -20,6 +20,7 @@ from typing import Any
 
 from werkzeug.sansio.utils import get_host
 
+from . import direct
 from .admission import PLAN_SCOPE_KEY, SLOTS_SCOPE_KEY
 from .errors import error_body
 from .generations import STREAM_PATHS
@@ -90,7 +91,8 @@ async def _serve_streams(
     )
     del head
     await writer.serve(plan, scope, receive, send)
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    if not direct.client_left(direct.current_connection()):
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def _admit(

@@ -93,7 +93,7 @@ class Outbox:
         "_flushq",
         "_frames",
         "_limit",
-        "_lot",
+        "_waiter",
         "_woken",
         "busy",
         "closed",
@@ -109,7 +109,9 @@ class Outbox:
     def __init__(self, limit: int) -> None:
         self._frames: list[bytes] = []
         self._limit = limit
-        self._lot = trio.lowlevel.ParkingLot()
+        # The client's task while it waits in take/idle (only it ever waits here): a
+        # task reference, not a ParkingLot, which was 1.2 KiB of every idle stream.
+        self._waiter: trio.lowlevel.Task | None = None
         self._woken = False
         self.closed = False
         self.reason = ""
@@ -139,8 +141,8 @@ class Outbox:
         self.since = time.monotonic()
         if self._flushq is not None and not self.busy:
             self._flushq.append(self)
-        elif self._lot:
-            self._lot.unpark_all()
+        else:
+            self._wake()
 
     def put(self, frame: bytes) -> bool:
         """Queue a frame; False if the outbox is full (the client is too slow)."""
@@ -173,7 +175,22 @@ class Outbox:
     def hand_over(self) -> None:
         """Give the socket back to the client's task (catch-up, stall, close)."""
         self.busy = True
-        self._lot.unpark_all()
+        self._wake()
+
+    def _wake(self) -> None:
+        task, self._waiter = self._waiter, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    async def _park(self) -> None:
+        assert self._waiter is None, "one task waits on an outbox: its client's"
+        self._waiter = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._waiter = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
     def interrupt(self) -> None:
         """Wake the client's task with nothing queued (a state to write): it owns the
@@ -202,7 +219,7 @@ class Outbox:
     async def take(self) -> list[bytes]:
         """Wait until there is something to write (or the outbox closed); take it all."""
         while not self._frames and not self.closed and not self._woken:
-            await self._lot.park()
+            await self._park()
         self._woken = False
         return self.take_now()
 
@@ -210,7 +227,7 @@ class Outbox:
         """Direct mode: let the hub write, until it hands the socket back."""
         self.busy = False
         while not self.busy:
-            await self._lot.park()
+            await self._park()
 
     def flush(self, now: float, framed: dict[bytes, bytes]) -> float | None:
         """Direct mode: write what is queued now, without waiting.

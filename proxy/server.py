@@ -36,6 +36,7 @@ from .hub import Hub
 from .keys import KeyStore
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
+from .pacing import Pacer
 from .upstream import UpstreamBridge
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class RunningProxy:
     reload_keys: Callable[[], None]  # re-read the keypairs file now (SIGHUP)
     keys: KeyStore
     metrics_url: str | None = None  # when metrics have a bind of their own
+    endings: Pacer | None = None  # connection endings taken in turn (pacing.py)
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -68,6 +70,12 @@ class _Config(HypercornConfig):
 
     write_timeout = 30.0
 
+    def __init__(self) -> None:
+        super().__init__()
+        # Connection endings, taken in turn (pacing.py); passes everyone at once unless
+        # its runner runs (run_proxy starts it).
+        self.endings = Pacer(ENDINGS_PER_BATCH)
+
     def create_sockets(self) -> Sockets:
         sockets = super().create_sockets()
         for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
@@ -77,6 +85,10 @@ class _Config(HypercornConfig):
                 )
         return sockets
 
+
+# How many connections may start ending per scheduler batch. Each end is about six
+# steps of 25 us here, so a batch of 64 endings in progress is about 10 ms.
+ENDINGS_PER_BATCH = 64
 
 # How long closing a connection may take (a TLS close_notify to a peer that stopped
 # reading); then the socket is closed without it.
@@ -102,6 +114,11 @@ def _close_even_when_cancelled() -> None:
     async def _close(self: TCPServer) -> None:
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+            if direct.client_left(self) and isinstance(self.stream, trio.SocketStream):
+                # The client closed its side: a FIN of ours (send_eof) before closing
+                # is a system call for nobody; closing sends it anyway.
+                await self.stream.aclose()
+                return
             await original(self)
 
     _close._kep_shielded = True  # type: ignore[attr-defined]
@@ -160,7 +177,7 @@ _json_framing_errors()
 direct.install()
 
 
-def hypercorn_config(settings: Settings, inherited: list[int] | None = None) -> HypercornConfig:
+def hypercorn_config(settings: Settings, inherited: list[int] | None = None) -> _Config:
     """``inherited``: listening sockets' descriptors to serve instead of binding (a
     group's worker; its supervisor made them with this same config)."""
     config = _Config()
@@ -216,16 +233,13 @@ async def run_proxy(
         hub.close()
 
     async with trio.open_nursery() as nursery:
+        config = hypercorn_config(settings, group.listen if group else None)
 
         async def serve_then_stop(*, task_status: trio.TaskStatus[list[str]]) -> None:
-            await serve(
-                app,
-                hypercorn_config(settings, group.listen if group else None),
-                shutdown_trigger=shutdown_trigger,
-                task_status=task_status,
-            )
+            await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
             nursery.cancel_scope.cancel()
 
+        nursery.start_soon(config.endings.run)
         nursery.start_soon(bridge.run)
         nursery.start_soon(hub.run_heartbeats, settings.server.heartbeat_interval)
         if group is not None:
@@ -258,7 +272,9 @@ async def run_proxy(
             reload_requests = trio.Event()
 
         task_status.started(
-            RunningProxy(binds[0], hub, bridge, stop, request_reload, keys, metrics_url)
+            RunningProxy(
+                binds[0], hub, bridge, stop, request_reload, keys, metrics_url, config.endings
+            )
         )
 
 

@@ -192,3 +192,16 @@ async def test_a_vanished_peer_closes_the_outbox(
             hub.publish("L", [ev(1)])
         assert sub.outbox.closed
         assert sub.outbox.reason == "client-gone"
+
+
+def test_a_gone_sink_drops_writes_without_touching_the_socket(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """Between a client closing and its stream's end (which may wait its turn), the
+    hub's writes to it are dropped: reported written, never sent, never handed over."""
+    a, b = pair
+    sink = make_sink(a)
+    assert sink.try_write(chunk(b"before")) == b""
+    sink.gone = True
+    assert sink.try_write(chunk(b"after")) == b""
+    assert read_all(b) == chunk(b"before")

@@ -192,3 +192,48 @@ async def test_client_gone_mid_stream_releases_it(
     await wait_until(lambda: hub.clients == 1)
     assert len(clients[2].frames()) == 20
     await clients[2].stream.aclose()
+
+
+async def test_clients_leaving_together_end_in_turn_and_nothing_reaches_the_departed(
+    proxy: ProxyUnderTest, upstream: UpstreamServer
+) -> None:
+    """99 clients close at once (a load balancer dropping a replica's clients): their
+    endings go through the pacer (some had to wait their turn), every one of them is
+    released, and the client that stays gets every event published meanwhile."""
+    hub, endings = proxy.running.hub, proxy.running.endings
+    assert endings is not None
+    staying = await RawClient.open(proxy.url)
+    # 100 streams: the key's limit (limits.max_streams_per_key); 64 end per batch.
+    leaving = [await RawClient.open(proxy.url) for _ in range(99)]
+    await wait_until(lambda: hub.clients == 100, timeout=30)
+    before = endings.waited
+    for client in leaving:
+        client.stream.socket.close()  # all in one scheduler step: they arrive together
+    upstream.log.append([lifecycle("kernel_started", f"s{i}", USER1) for i in range(20)])
+    await staying.read_events(20)
+    await wait_until(lambda: hub.clients == 1, timeout=30)
+    assert endings.waited - before > 0
+    assert endings.waiting == 0
+    assert [f.data["sessionId"] for f in staying.frames()] == [f"s{i}" for i in range(20)]
+    await staying.stream.aclose()
+
+
+async def test_a_client_that_half_closes_ends_its_stream_without_the_last_chunk(
+    proxy: ProxyUnderTest, upstream: UpstreamServer
+) -> None:
+    """HTTP/1.1 gives a client no way to end one response but to end the connection: a
+    client shutting down its sending side has left. Its stream ends (as a closed one
+    does), and the proxy closes the connection without writing more to it."""
+    hub = proxy.running.hub
+    client = await RawClient.open(proxy.url)
+    await wait_until(lambda: hub.clients == 1)
+    upstream.log.append([lifecycle("kernel_started", f"s{i}", USER1) for i in range(3)])
+    await client.read_events(3)
+    await client.stream.send_eof()
+    await wait_until(lambda: hub.clients == 0)
+    with trio.fail_after(10):
+        rest = b""
+        while data := await client.stream.receive_some(65536):
+            rest += data
+    assert rest == b""  # no "0\r\n\r\n": the connection just closes
+    await client.stream.aclose()
