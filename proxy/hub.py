@@ -304,6 +304,45 @@ class Subscription:
         self.epoch = 0  # +1 per state: what was taken from the outbox before is old news
 
 
+class Subscribed:
+    """``Hub.subscribe``'s context manager: registers on entry, unregisters on exit.
+
+    A class rather than a ``@contextmanager`` generator, whose suspended frame and
+    wrapper every stream kept for as long as it was open (0.6 KiB each)."""
+
+    __slots__ = ("_hub", "_request", "_sub")
+
+    def __init__(
+        self,
+        hub: Hub,
+        principal: Principal,
+        filters: Filters,
+        after: Cursor | None,
+        positions: bool,
+        state: bool,
+    ) -> None:
+        self._hub = hub
+        self._request: tuple[Principal, Filters, Cursor | None, bool, bool] | None = (
+            principal,
+            filters,
+            after,
+            positions,
+            state,
+        )
+        self._sub: Subscription | None = None
+
+    def __enter__(self) -> Subscription:
+        assert self._request is not None, "a subscription is entered once"
+        request, self._request = self._request, None
+        self._sub = self._hub._register(*request)
+        return self._sub
+
+    def __exit__(self, *_: object) -> None:
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            self._hub._unregister(sub)
+
+
 def encode(log_id: str, event: Event, payload: Payload = Payload.V4) -> bytes:
     """The one SSE frame for an upstream event in one API generation's shape, shared by
     every recipient of that generation."""
@@ -435,7 +474,6 @@ class Hub:
 
     # -- subscribers -------------------------------------------------------------
 
-    @contextmanager
     def subscribe(
         self,
         principal: Principal,
@@ -444,12 +482,22 @@ class Hub:
         *,
         positions: bool = False,
         state: bool = False,
-    ) -> Iterator[Subscription]:
+    ) -> Subscribed:
         """Register a client for as long as the ``with`` block runs.
 
         ``state``: the stream follows state (initialState=true). Without ``after`` it
         starts with the state; a resume that would be a gap becomes a resync.
         """
+        return Subscribed(self, principal, filters, after, positions, state)
+
+    def _register(
+        self,
+        principal: Principal,
+        filters: Filters,
+        after: Cursor | None,
+        positions: bool,
+        state: bool,
+    ) -> Subscription:
         sub = Subscription(principal, filters, Outbox(self._outbox_limit), positions, state)
         if self.heartbeat_interval:
             sub.outbox.last_activity -= self._jitter.random() * self.heartbeat_interval
@@ -461,34 +509,37 @@ class Hub:
             self._followers.add(sub)
         if self.closing:
             sub.outbox.close("shutdown", _server_close_frame())
-        audience = (principal, filters)
         kind, value = sub.key
-        buckets = self._index[kind]
-        groups = buckets.setdefault(value, {})
-        groups.setdefault(audience, set()).add(sub)
+        groups = self._index[kind].setdefault(value, {})
+        groups.setdefault((principal, filters), set()).add(sub)
         api = _API_LABELS[filters.payload]
         self.clients += 1
         self.clients_by_role[principal.role.value] += 1
         self.clients_by_api[api] += 1
         self.streams_opened[api] += 1
-        try:
-            yield sub
-        finally:
-            self.clients -= 1
-            self.clients_by_role[principal.role.value] -= 1
-            self.clients_by_api[api] -= 1
-            members = groups[audience]
-            members.discard(sub)
-            if not members:
-                del groups[audience]
-                if not groups:
-                    del buckets[value]
-            if sub.resume is not None:
-                del self._pending[sub]
-            if state:
-                self._followers.discard(sub)
-                self._state_used = time.monotonic()
-            sub.outbox.discard()
+        return sub
+
+    def _unregister(self, sub: Subscription) -> None:
+        principal, filters = sub.principal, sub.filters
+        self.clients -= 1
+        self.clients_by_role[principal.role.value] -= 1
+        self.clients_by_api[_API_LABELS[filters.payload]] -= 1
+        kind, value = sub.key
+        buckets = self._index[kind]
+        groups = buckets[value]
+        audience = (principal, filters)
+        members = groups[audience]
+        members.discard(sub)
+        if not members:
+            del groups[audience]
+            if not groups:
+                del buckets[value]
+        if sub.resume is not None:
+            del self._pending[sub]
+        if sub.follows_state:
+            self._followers.discard(sub)
+            self._state_used = time.monotonic()
+        sub.outbox.discard()
 
     def _replay(self, sub: Subscription, after: Cursor) -> None:
         state = self.state

@@ -94,34 +94,22 @@ class StreamWriter:
             fresh = plan.positions and plan.cursor is None and not plan.initial_state
             start = hub.position() if fresh else None
             first = sse.encode_position(start) if start is not None else None
-            fields = _log_fields(plan)
-            log.info(
-                "stream open: %s (%s) filters=%s resume=%s",
-                plan.principal.access_key,
-                plan.principal.role.value,
-                fields["filters"],
-                fields["resume"],
-                extra={"event": "stream_open", **fields},
-            )
+            if log.isEnabledFor(logging.INFO):
+                fields = _log_fields(plan)
+                log.info(
+                    "stream open: %s (%s) filters=%s resume=%s",
+                    plan.principal.access_key,
+                    plan.principal.role.value,
+                    fields["filters"],
+                    fields["resume"],
+                    extra={"event": "stream_open", **fields},
+                )
+                del fields  # made again at the end: an idle stream keeps as little as it can
             try:
                 await self._until_gone(sub, scope, receive, send, first)
             finally:
-                duration = round(time.monotonic() - started, 3)
-                reason = sub.outbox.reason or "client-gone"
-                log.info(
-                    "stream closed: %s after %.1fs, %d events sent, reason=%s",
-                    plan.principal.access_key,
-                    duration,
-                    sub.outbox.sent,
-                    reason,
-                    extra={
-                        "event": "stream_close",
-                        **fields,
-                        "duration_s": duration,
-                        "events_sent": sub.outbox.sent,
-                        "reason": reason,
-                    },
-                )
+                if log.isEnabledFor(logging.INFO):
+                    _log_close(plan, sub, time.monotonic() - started)
 
     async def _until_gone(
         self,
@@ -297,6 +285,25 @@ async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> No
     while (await receive())["type"] != "http.disconnect":
         pass
     scope.cancel()
+
+
+def _log_close(plan: StreamPlan, sub: Subscription, seconds: float) -> None:
+    duration = round(seconds, 3)
+    reason = sub.outbox.reason or "client-gone"
+    log.info(
+        "stream closed: %s after %.1fs, %d events sent, reason=%s",
+        plan.principal.access_key,
+        duration,
+        sub.outbox.sent,
+        reason,
+        extra={
+            "event": "stream_close",
+            **_log_fields(plan),
+            "duration_s": duration,
+            "events_sent": sub.outbox.sent,
+            "reason": reason,
+        },
+    )
 
 
 def _log_fields(plan: StreamPlan) -> dict[str, Any]:
