@@ -81,15 +81,19 @@ async def _serve_streams(
         return
     head = answer[0]
     del answer  # an idle stream keeps as little as it can
-    await send(
-        {
-            "type": "http.response.start",
-            "status": head["status"],
-            # The buffered answer was empty; the stream has no length.
-            "headers": [(k, v) for k, v in head["headers"] if k.lower() != b"content-length"],
-        }
-    )
+    start = {
+        "type": "http.response.start",
+        "status": head["status"],
+        # The buffered answer was empty; the stream has no length.
+        "headers": [(k, v) for k, v in head["headers"] if k.lower() != b"content-length"],
+    }
     del head
+    await send(start)
+    # Neither the request's headers (admission is over) nor the response's (on the
+    # wire now; hypercorn keeps the message only for an access log, which is off) are
+    # read again, and an idle stream would hold both for its life: about 1 KiB.
+    start["headers"] = []
+    scope["headers"] = ()
     await writer.serve(plan, scope, receive, send)
     if not direct.client_left(direct.current_connection()):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
