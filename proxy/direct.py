@@ -29,9 +29,11 @@ backs off whenever hypercorn's send lock is held, and the asynchronous path hold
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
+from functools import partial
 from typing import Any, Final
 
 import h11
@@ -134,9 +136,14 @@ def on_eof(server: TCPServer, callback: Callable[[], None]) -> Callable[[], None
     if client_left(server):
         callback()
         return _nothing
-    callbacks: set[Callable[[], None]] = server.__dict__.setdefault("_kep_on_eof", set())
-    callbacks.add(callback)
-    return lambda: callbacks.discard(callback)
+    callbacks: list[Callable[[], None]] = server.__dict__.setdefault("_kep_on_eof", [])
+    callbacks.append(callback)
+    return partial(_forget, callbacks, callback)
+
+
+def _forget(callbacks: list[Callable[[], None]], callback: Callable[[], None]) -> None:
+    with contextlib.suppress(ValueError):
+        callbacks.remove(callback)
 
 
 def _nothing() -> None:
@@ -177,16 +184,32 @@ async def _read_loop(self: TCPServer) -> None:
     """
     ended_by_client = False
     timeout = self.config.read_timeout
+    # Without a read timeout (this proxy's own config: a stream's client never sends
+    # again), a plain socket is read with ``wait_readable`` and ``recv`` right here: no
+    # cancel scope per read, and none of ``SocketStream.receive_some``'s layers, whose
+    # frames an idle connection holds for as long as it is open (with hypercorn's
+    # ``fail_after``, 2 KiB of each idle stream's memory).
+    sock = _plain_socket(self.stream) if timeout is None else None
     try:
         while True:
             try:
-                data = await _receive(self.stream, timeout)
+                if sock is None:
+                    data = await _receive_some(self.stream, timeout)
+                else:
+                    if sock.fileno() == -1:
+                        raise trio.ClosedResourceError("the connection was closed")
+                    await trio.lowlevel.wait_readable(sock)
+                    received = _recv(sock)
+                    if received is None:
+                        continue
+                    data = received
             except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
                 break
             if not data:
                 ended_by_client = True
                 break
             await self.protocol.handle(RawData(data))
+            del data  # not held while the connection idles (the request, for a stream)
         self._kep_eof = True  # type: ignore[attr-defined]
         sink: ChunkSink | None = self.__dict__.get("_kep_sink")
         if sink is not None:
@@ -203,28 +226,24 @@ async def _read_loop(self: TCPServer) -> None:
             callback()
 
 
-async def _receive(stream: Any, read_timeout: float | None) -> bytes:
-    """What has arrived on a connection (``b""``: its end); raises as ``receive_some``.
-
-    Without a read timeout (this proxy's own config: a stream's client never sends
-    again), a plain socket is read with one ``wait_readable`` and ``recv``: no cancel
-    scope per read, and none of ``SocketStream.receive_some``'s layers, whose frames an
-    idle connection holds for as long as it is open (with hypercorn's ``fail_after``,
-    2 KiB of each idle stream's memory).
-    """
-    if read_timeout is not None:
-        with trio.fail_after(read_timeout):
-            return bytes(await stream.receive_some(MAX_RECV))
-    sock = getattr(stream.socket, "_sock", None) if isinstance(stream, trio.SocketStream) else None
-    if not isinstance(sock, socket.socket):
+async def _receive_some(stream: Any, read_timeout: float | None) -> bytes:
+    if read_timeout is None:
         return bytes(await stream.receive_some(MAX_RECV))
-    while True:
-        if sock.fileno() == -1:
-            raise trio.ClosedResourceError("the connection was closed")
-        await trio.lowlevel.wait_readable(sock)
-        try:
-            return sock.recv(MAX_RECV)
-        except BlockingIOError:
-            continue
-        except OSError as exc:
-            raise trio.BrokenResourceError(str(exc)) from exc
+    with trio.fail_after(read_timeout):
+        return bytes(await stream.receive_some(MAX_RECV))
+
+
+def _plain_socket(stream: Any) -> socket.socket | None:
+    """The stdlib socket under a plain (not TLS) trio stream, else None."""
+    sock = getattr(stream.socket, "_sock", None) if isinstance(stream, trio.SocketStream) else None
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def _recv(sock: socket.socket) -> bytes | None:
+    """What a readable socket holds (``b""``: the end), or None if nothing after all."""
+    try:
+        return sock.recv(MAX_RECV)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        raise trio.BrokenResourceError(str(exc)) from exc

@@ -182,15 +182,9 @@ class Outbox:
         if task is not None:
             trio.lowlevel.reschedule(task)
 
-    async def _park(self) -> None:
-        assert self._waiter is None, "one task waits on an outbox: its client's"
-        self._waiter = trio.lowlevel.current_task()
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            self._waiter = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
+    def _abort(self, _: object) -> trio.lowlevel.Abort:
+        self._waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     def interrupt(self) -> None:
         """Wake the client's task with nothing queued (a state to write): it owns the
@@ -219,7 +213,8 @@ class Outbox:
     async def take(self) -> list[bytes]:
         """Wait until there is something to write (or the outbox closed); take it all."""
         while not self._frames and not self.closed and not self._woken:
-            await self._park()
+            self._waiter = trio.lowlevel.current_task()  # for _wake (one waiter: this)
+            await trio.lowlevel.wait_task_rescheduled(self._abort)
         self._woken = False
         return self.take_now()
 
@@ -227,7 +222,10 @@ class Outbox:
         """Direct mode: let the hub write, until it hands the socket back."""
         self.busy = False
         while not self.busy:
-            await self._park()
+            # Parked inline, not in a helper: every idle stream waits here, and each
+            # coroutine frame it holds is a few hundred bytes.
+            self._waiter = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort)
 
     def flush(self, now: float, framed: dict[bytes, bytes]) -> float | None:
         """Direct mode: write what is queued now, without waiting.

@@ -121,29 +121,27 @@ class StreamWriter:
     ) -> None:
         connection = direct.current_connection()
         if connection is not None and scope.get("http_version") in ("1.0", "1.1"):
-            # The client leaving ends the connection's read loop: no task needed.
+            # The client leaving ends the connection's read loop: no task needed. Only
+            # here can the stream be written directly (HTTP/1.1, no TLS, a GET).
+            sink = direct.current_sink(scope)
             with trio.CancelScope() as cancel:
                 forget = direct.on_eof(connection, partial(_client_left, sub.outbox, cancel))
                 try:
-                    await self._write(sub, scope, send, first)
+                    if sink is None:
+                        await self._asgi(sub, send, first)
+                    else:
+                        # A write failing means the client went away mid-write.
+                        with contextlib.suppress(
+                            trio.BrokenResourceError, trio.ClosedResourceError
+                        ):
+                            await self._direct(sub, sink, first)
                 finally:
                     forget()
             return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-            await self._write(sub, scope, send, first)
-            nursery.cancel_scope.cancel()
-
-    async def _write(
-        self, sub: Subscription, scope: Mapping[str, Any], send: Send, first: bytes | None
-    ) -> None:
-        sink = direct.current_sink(scope)
-        if sink is None:
             await self._asgi(sub, send, first)
-            return
-        # A write failing means the client went away mid-write.
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self._direct(sub, sink, first)
+            nursery.cancel_scope.cancel()
 
     async def _asgi(self, sub: Subscription, send: Send, first: bytes | None) -> None:
         """The ASGI path: every write is an ASGI ``send`` (TLS, HTTP/2, HTTP/1.0)."""
@@ -188,25 +186,25 @@ class StreamWriter:
         self.hub.attach_sink(sub, sink)  # busy: the hub queues for this task until idle
         if first is not None:
             await sink.write(direct.chunk(first))
-
-        async def write(data: bytes) -> None:
-            await sink.write(direct.chunk(data))
-
+            del first
+        # What was written is let go before idling (no local keeps it): an idle stream
+        # would hold its last write for as long as it is open.
         while True:
             if outbox.stalled:  # the rest of a frame: before anything else
                 stalled, outbox.stalled = outbox.stalled, b""
                 await sink.write(stalled)
+                del stalled
             if sub.state_write is not None:
-                await self._write_state(sub, sub.state_write, write)
+                await self._write_state(sub, sub.state_write, partial(_write_chunk, sink))
                 continue
             while sub.catchup is not None:
-                chunk = await self._catch_up(sub)
-                if chunk:
-                    await sink.write(direct.chunk(chunk))
+                caught_up = await self._catch_up(sub)
+                if caught_up:  # an empty chunk would end the body
+                    await sink.write(direct.chunk(caught_up))
+                caught_up = b""
             if len(outbox):
                 since = outbox.since
-                frames = outbox.take_now()
-                await sink.write(direct.chunk(b"".join(frames)))
+                await sink.write(direct.chunk(b"".join(outbox.take_now())))
                 self.metrics.delivery_latency.observe(time.monotonic() - since)
                 continue
             if outbox.closed:
@@ -266,6 +264,10 @@ class StreamWriter:
         sub.catchup = None if done else (Cursor(cursor.log_id, fetched.reached), until)
         sub.outbox.sent += len(out)
         return b"".join(out)
+
+
+async def _write_chunk(sink: direct.ChunkSink, data: bytes) -> None:
+    await sink.write(direct.chunk(data))
 
 
 def _client_left(outbox: Outbox, cancel: trio.CancelScope) -> None:
