@@ -68,24 +68,26 @@ async def test_at_most_per_batch_pass_per_batch_in_arrival_order() -> None:
     assert pacer.waiting == 0
 
 
+async def through(pacer: Pacer, name: object, passed: list[object]) -> None:
+    await pacer.turn()
+    passed.append(name)
+
+
 async def test_a_cancelled_waiter_leaves_the_queue_and_the_rest_go_on() -> None:
     pacer = Pacer(1)
-    passed: list[str] = []
-
-    async def one(name: str) -> None:
-        await pacer.turn()
-        passed.append(name)
+    passed: list[object] = []
 
     async with trio.open_nursery() as nursery:
         await trio.testing.wait_all_tasks_blocked()
-        await pacer.turn()  # not running yet: passes
+        await pacer.turn()  # not running yet: passes (and uses up the batch's one pass)
         nursery.start_soon(pacer.run)
         await trio.testing.wait_all_tasks_blocked()
         with trio.CancelScope() as doomed:
             doomed.cancel()
-            await pacer.turn()  # the batch's one pass: taken at once, cancel or not
-            await pacer.turn()  # this one waits, and is cancelled
-        nursery.start_soon(one, "after")
+            await pacer.turn()  # waits, and is cancelled
+        assert doomed.cancelled_caught
+        assert pacer.waiting == 0
+        nursery.start_soon(through, pacer, "after", passed)
         await trio.testing.wait_all_tasks_blocked()
         assert passed == ["after"]
         assert pacer.waiting == 0
@@ -94,19 +96,16 @@ async def test_a_cancelled_waiter_leaves_the_queue_and_the_rest_go_on() -> None:
 
 async def test_when_the_runner_stops_the_waiting_are_let_through() -> None:
     pacer = Pacer(1)
-    passed: list[int] = []
-
-    async def one(i: int) -> None:
-        await pacer.turn()
-        passed.append(i)
+    passed: list[object] = []
 
     async with trio.open_nursery() as outer, trio.open_nursery() as runner:
         runner.start_soon(pacer.run)
         await trio.testing.wait_all_tasks_blocked()
         pacer._passed = pacer.per_batch  # this batch's pass is used up
         for i in range(3):
-            outer.start_soon(one, i)
+            outer.start_soon(through, pacer, i, passed)
         await trio.lowlevel.checkpoint()
         runner.cancel_scope.cancel()
-    assert sorted(passed) == [0, 1, 2]
+    assert len(passed) == 3
+    assert set(passed) == {0, 1, 2}
     await pacer.turn()  # not running: passes at once
