@@ -93,16 +93,14 @@ def current_sink(scope: Mapping[str, Any]) -> ChunkSink | None:
     if server is None or scope.get("method") != "GET" or scope.get("http_version") != "1.1":
         return None
     stream = server.stream
-    if not isinstance(stream, trio.SocketStream):
+    sock = _plain_socket(stream)
+    if sock is None or not isinstance(stream, trio.SocketStream):
         return None
     protocol = getattr(getattr(server, "protocol", None), "protocol", None)
     connection = getattr(protocol, "connection", None)
     if not isinstance(connection, h11.Connection) or connection.our_state is not h11.SEND_BODY:
         return None
     if type(getattr(connection, "_writer", None)).__name__ != "ChunkedWriter":
-        return None
-    sock = getattr(stream.socket, "_sock", None)
-    if not isinstance(sock, socket.socket):
         return None
     sink = ChunkSink(stream, sock, server.send_lock)
     server._kep_sink = sink
